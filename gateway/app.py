@@ -1,0 +1,344 @@
+"""Wiring: one `Gateway` per config, the request pipeline, and the aiohttp applications.
+
+A request flows one way: path -> route -> credentials -> identity (cache,
+tower) -> capabilities -> policy -> rate limit -> token -> proxy. Errors become
+responses in exactly one place, `Gateway.handle`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import redis.asyncio
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from gateway.accesslog import AccessLog, RequestRecord
+from gateway.capabilities import CapabilityMapper
+from gateway.config import Config
+from gateway.credentials import CredentialExtractor
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    InvalidKey,
+    MissingKey,
+    RateLimited,
+)
+from gateway.identity import CacheStats, Fingerprinter, IdentityResolver, derive_secret
+from gateway.metrics import Metrics
+from gateway.proxy import Forwarder, HeaderPolicy, connection_tokens
+from gateway.ratelimit import (
+    MemoryRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    effective_limit,
+)
+from gateway.routes import Route, RouteTable, normalise_path
+from gateway.tokens import SigningKey, TokenMinter, load_signing_key
+from gateway.tower import Tower
+
+log = logging.getLogger("tower_gateway")
+
+REQUEST_ID: Final = "X-Request-Id"
+_REQUEST_ID_OK: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
+QUERY_KEY_PARAMS: Final = frozenset({"api_key", "apikey", "api-key"})
+
+GATEWAY: Final = web.AppKey("gateway", "Gateway")
+
+
+def make_tower(config: Config) -> Tower:
+    if config.tower.local is not None:
+        from gateway.tower.local import LocalTower
+
+        return LocalTower(config.tower.local)
+    from gateway.tower.client import RemoteTower
+
+    return RemoteTower(config.tower)
+
+
+def request_id(value: str | None) -> str:
+    if value is not None and _REQUEST_ID_OK.fullmatch(value):
+        return value
+    return uuid.uuid4().hex
+
+
+def error_response(exc: GatewayError, rid: str) -> web.Response:
+    body = json.dumps({"error": exc.reason, "detail": exc.detail})
+    response = web.Response(status=exc.status, text=body, content_type="application/json")
+    response.headers.update(exc.headers)
+    response.headers[REQUEST_ID] = rid
+    return response
+
+
+@dataclass(frozen=True, slots=True)
+class Components:
+    """Everything a request needs that a config reload may replace at once."""
+
+    config: Config
+    routes: RouteTable
+    extractor: CredentialExtractor
+    mapper: CapabilityMapper
+    headers: HeaderPolicy
+    www_authenticate: str
+
+
+def build_components(config: Config) -> Components:
+    extractor = CredentialExtractor(
+        config.credentials.sources, max_length=config.credentials.max_key_length
+    )
+    blocked = [config.jwt.header, *extractor.header_names]
+    return Components(
+        config=config,
+        routes=RouteTable(config.routes),
+        extractor=extractor,
+        mapper=CapabilityMapper(config),
+        headers=HeaderPolicy(blocked),
+        www_authenticate='Bearer realm="tower-gateway", ApiKey header="X-API-Key"',
+    )
+
+
+class Gateway:
+    """The gateway for one config: its caches, clients and applications."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        tower: Tower | None = None,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.signing_key: SigningKey = load_signing_key(config.jwt)
+        self.fingerprinter = Fingerprinter(self._fingerprint_secret())
+        self.tower: Tower = tower if tower is not None else make_tower(config)
+        self.resolver = IdentityResolver(
+            self.tower, config.cache, self.fingerprinter, clock=clock,
+            on_tower_call=self.metrics.tower_call,
+        )
+        self.minter = TokenMinter(config.jwt, self.signing_key, clock=clock)
+        self.forwarder = Forwarder(max_body_size=config.server.max_body_size)
+        self.limiter: RateLimiter | None = None
+        self._redis: redis.asyncio.Redis | None = None
+        self.components = build_components(config)
+        self.access_log = access_log if access_log is not None else AccessLog.from_config(config)
+        self.metrics.watch(self._stats)
+
+    def _fingerprint_secret(self) -> bytes:
+        if self.config.cache.fingerprint_secret:
+            return self.config.cache.fingerprint_secret.encode()
+        key = self.signing_key.key
+        material = key if isinstance(key, bytes) else json.dumps(
+            self.signing_key.public_jwk, sort_keys=True
+        ).encode() + self.signing_key.kid.encode()
+        # Derived, so every replica with the same signing key agrees on cache
+        # keys and fingerprints without one more secret to distribute.
+        return derive_secret(material, "fingerprint")
+
+    def _stats(self) -> tuple[CacheStats, int, int, int, int]:
+        positive, negative = self.resolver.entry_counts()
+        return self.resolver.stats, positive, negative, self.minter.minted, self.minter.reused
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        start = getattr(self.tower, "start", None)
+        if start is not None:
+            await start()
+        self.limiter = await self._build_limiter()
+
+    async def _build_limiter(self) -> RateLimiter:
+        settings = self.config.rate_limit
+        if settings.backend == "redis" and self.config.redis.url:
+            self._redis = redis.asyncio.Redis.from_url(
+                self.config.redis.url,
+                socket_timeout=1,
+                socket_connect_timeout=1,
+                # A pooled connection that died with a Redis restart reconnects at once.
+                retry=Retry(NoBackoff(), 1),
+            )
+            return RedisRateLimiter(
+                self._redis,
+                prefix=self.config.redis.key_prefix,
+                burst=settings.burst,
+                fallback=MemoryRateLimiter(burst=settings.burst),
+                on_fallback=self.metrics.rate_limit_fallbacks.inc,
+            )
+        return MemoryRateLimiter(burst=settings.burst)
+
+    async def close(self) -> None:
+        await self.forwarder.close()
+        if self.limiter is not None:
+            await self.limiter.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+        await self.tower.close()
+        self.access_log.close()
+
+    async def _lifespan(self, _app: web.Application) -> AsyncIterator[None]:
+        await self.start()
+        yield
+        await self.close()
+
+    def proxy_app(self) -> web.Application:
+        app = web.Application(handler_args={"max_field_size": self.config.server.max_field_size,
+                                            "max_line_size": self.config.server.max_line_size})
+        app[GATEWAY] = self
+        app.cleanup_ctx.append(self._lifespan)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    def ops_app(self) -> web.Application:
+        from gateway.ops import create_ops_app
+
+        return create_ops_app(self)
+
+    # ------------------------------------------------------------------ admin actions
+
+    def invalidate_key_id(self, key_id: str) -> int:
+        digests = self.resolver.invalidate_key_id(key_id)
+        self.minter.forget(digests)
+        return len(digests)
+
+    def invalidate_all(self) -> None:
+        self.resolver.clear()
+        self.minter.forget()
+
+    # ------------------------------------------------------------------ the pipeline
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        record = RequestRecord(request_id(request.headers.get(REQUEST_ID)))
+        metrics = self.metrics
+        metrics.in_flight.inc()
+        try:
+            response = await self._pipeline(request, record)
+        except GatewayError as exc:
+            record.reason = exc.reason
+            if record.decision is None:
+                record.decision = "deny" if exc.status in (401, 403, 429) else "error"
+            response = error_response(exc, record.request_id)
+        except Exception:
+            log.exception("unhandled error in request %s", record.request_id)
+            record.reason, record.decision = "internal_error", "error"
+            response = error_response(
+                GatewayError("internal error", reason="internal_error"), record.request_id
+            )
+        finally:
+            metrics.in_flight.dec()
+        record.status = response.status
+        metrics.count_request(record.route, response.status)
+        record.duration = time.perf_counter() - started
+        self.access_log.write(request, record)
+        return response
+
+    async def _pipeline(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
+        parts = self.components
+        raw_path, _, query = request.raw_path.partition("?")
+        path = normalise_path(raw_path)
+        if query and _has_query_key(query):
+            raise BadRequest("API keys are not accepted in the URL; send X-API-Key",
+                             reason="key_in_query")
+        route = parts.routes.match(path, request.method)
+        record.route = route.name
+        self.forwarder.check_length(request)
+
+        headers = parts.headers.forwardable(request.headers, connection_tokens(request.headers))
+        response_headers: dict[str, str] = {REQUEST_ID: record.request_id}
+        if route.config.websocket and _is_upgrade(request):
+            from gateway.websocket import handle_websocket
+
+            return await handle_websocket(self, request, route, path, query, headers, record)
+        if route.config.auth:
+            try:
+                token = await self._authenticate(request, route, record, response_headers)
+            except GatewayError as exc:
+                self.metrics.count_auth(exc.reason)
+                raise
+            self.metrics.count_auth("success")
+            headers[parts.config.jwt.header] = f"Bearer {token}"
+        else:
+            record.decision, record.reason = "public", "public_route"
+
+        headers["X-Forwarded-For"] = request.remote or ""
+        headers["X-Forwarded-Proto"] = request.scheme
+        if request.host:
+            headers["X-Forwarded-Host"] = request.host
+        headers[REQUEST_ID] = record.request_id
+        preserve = route.config.preserve_host and request.host
+        headers[hdrs.HOST] = request.host if preserve else route.upstream_host
+
+        upstream_started = time.perf_counter()
+        response = await self.forwarder.forward(
+            request, route, path, query, headers, response_headers
+        )
+        self.metrics.upstream_seconds.labels(route.name).observe(
+            time.perf_counter() - upstream_started
+        )
+        return response
+
+    async def _authenticate(
+        self,
+        request: web.Request,
+        route: Route,
+        record: RequestRecord,
+        response_headers: dict[str, str],
+    ) -> str:
+        """Key -> identity -> grants -> policy -> rate limit -> JWT; raises a denial."""
+        parts = self.components
+        challenge = {hdrs.WWW_AUTHENTICATE: parts.www_authenticate}
+        key = parts.extractor.extract(request.headers)
+        if key is None:
+            raise MissingKey(f"No API key: send {parts.extractor.describe()}", headers=challenge)
+        try:
+            resolved = await self.resolver.resolve(key)
+        except InvalidKey as exc:
+            exc.headers = challenge
+            raise
+        identity = resolved.identity
+        record.identify(self.fingerprinter.short(resolved.digest), identity)
+        grants = parts.mapper.grants(identity)
+        record.role = grants.role
+        missing = grants.missing(route.require)
+        if missing is not None:
+            raise Forbidden(f"Missing required capability: {missing}")
+        if self.limiter is not None:
+            per_minute = effective_limit(
+                identity.rate_limit, parts.config.rate_limit.default_per_minute
+            )
+            if per_minute is not None:
+                decision = await self.limiter.hit(resolved.digest.hex(), per_minute)
+                response_headers.update(decision.headers())
+                if not decision.allowed:
+                    self.metrics.rate_limited.inc()
+                    raise RateLimited("Rate limit exceeded", headers=decision.headers())
+        record.decision, record.reason = "allow", resolved.source
+        return self.minter.token_for(resolved.digest, identity, grants)
+
+
+def _is_upgrade(request: web.Request) -> bool:
+    upgrade = request.headers.get(hdrs.UPGRADE)
+    return upgrade is not None and upgrade.lower() == "websocket"
+
+
+def _has_query_key(query: str) -> bool:
+    for pair in query.split("&"):
+        name = pair.split("=", 1)[0].lower()
+        if name in QUERY_KEY_PARAMS:
+            return True
+    return False

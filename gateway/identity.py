@@ -1,0 +1,301 @@
+"""Key -> Identity: a TTL cache with single flight and stale-if-error in front of the tower.
+
+Entries are keyed by a keyed hash of the key (never the key itself). A positive
+entry is fresh for `min(cache.ttl, expires_at - now)` and may be served stale,
+only while the tower is failing, until `cache.stale_if_error` more seconds have
+passed, and never past `expires_at`. Negative entries live in their own bounded
+cache, so a flood of random keys can only push out other negative entries.
+The cache stores who the key belongs to, never a decision: policy is checked on
+every request by the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from cachetools import TLRUCache, TTLCache
+
+from gateway.config import CacheConfig
+from gateway.errors import InvalidKey, TowerFault, TowerUnavailable
+from gateway.tower import Identity, Rejection, Tower
+
+log = logging.getLogger("tower_gateway.identity")
+
+RETRY_AFTER_SECONDS: Final = "5"
+_DETAILS: Final = {
+    "invalid_key": "Invalid API key",
+    "expired_key": "API key has expired",
+    "revoked_key": "API key has been revoked",
+}
+
+
+class Fingerprinter:
+    """Keyed hash of API keys: cache keys, log fingerprints, rate-limit buckets."""
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def digest(self, api_key: str) -> bytes:
+        return hmac.digest(self._secret, api_key.encode(), "sha256")
+
+    @staticmethod
+    def short(digest: bytes) -> str:
+        """A printable fingerprint: enough to correlate, useless to attack."""
+        return digest[:8].hex()
+
+
+def derive_secret(material: bytes, purpose: str) -> bytes:
+    return hmac.digest(material, b"tower-gateway/" + purpose.encode(), hashlib.sha256)
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    negative_hits: int = 0
+    stale_serves: int = 0
+    evictions: int = 0
+    waiters: int = 0
+    tower_calls: int = 0
+
+    @property
+    def hit_ratio(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    identity: Identity
+    fresh_until: float
+    stale_until: float
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    identity: Identity
+    digest: bytes
+    source: str  # "hit" | "tower" | "stale"
+
+
+class _PositiveCache(TLRUCache[bytes, _Entry]):
+    """Counts LRU evictions (expiry is not an eviction)."""
+
+    def __init__(self, maxsize: int, timer: Callable[[], float], stats: CacheStats) -> None:
+        super().__init__(maxsize, ttu=lambda _k, entry, _now: entry.stale_until, timer=timer)
+        self._stats = stats
+
+    def popitem(self) -> tuple[bytes, _Entry]:
+        item = super().popitem()
+        self._stats.evictions += 1
+        return item
+
+
+TowerObserver = Callable[[str, float], None]
+
+
+class IdentityResolver:
+    """Resolves keys to identities; one tower call per uncached key at a time."""
+
+    def __init__(
+        self,
+        tower: Tower,
+        config: CacheConfig,
+        fingerprinter: Fingerprinter,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_tower_call: TowerObserver | None = None,
+    ) -> None:
+        self.tower = tower
+        self.fingerprinter = fingerprinter
+        self.stats = CacheStats()
+        self._config = config
+        self._clock = clock
+        self._on_tower_call = on_tower_call
+        self._positive = _PositiveCache(config.max_entries, clock, self.stats)
+        self._negative: TTLCache[bytes, str] | None = (
+            TTLCache(config.max_entries, config.negative_ttl, timer=clock)
+            if config.negative_ttl > 0
+            else None
+        )
+        self._by_key_id: dict[str, set[bytes]] = {}
+        self._inflight: dict[bytes, asyncio.Future[Identity | Rejection]] = {}
+        self.last_tower_ok: float | None = None
+
+    # ------------------------------------------------------------------ hot path
+
+    async def resolve(self, api_key: str) -> Resolved:
+        digest = self.fingerprinter.digest(api_key)
+        now = self._clock()
+        entry = self._positive.get(digest)
+        if entry is not None:
+            if entry.identity.expired(now):
+                self._drop(digest)
+                raise InvalidKey(_DETAILS["expired_key"], reason="expired_key")
+            if now < entry.fresh_until:
+                self.stats.hits += 1
+                return Resolved(entry.identity, digest, "hit")
+        elif self._negative is not None:
+            reason = self._negative.get(digest)
+            if reason is not None:
+                self.stats.hits += 1
+                self.stats.negative_hits += 1
+                raise InvalidKey(_DETAILS[reason], reason=reason)
+        self.stats.misses += 1
+        return await self._from_tower(api_key, digest)
+
+    # ------------------------------------------------------------------ misses
+
+    async def _from_tower(self, api_key: str, digest: bytes) -> Resolved:
+        future = self._inflight.get(digest)
+        if future is None:
+            future = asyncio.ensure_future(self._fetch(api_key, digest))
+            self._inflight[digest] = future
+            future.add_done_callback(lambda f: self._settled(digest, f))
+        else:
+            self.stats.waiters += 1
+        try:
+            # shield: a cancelled first caller must not cancel the call the
+            # other waiters depend on.
+            answer = await asyncio.shield(future)
+        except TowerFault as fault:
+            return self._stale_or_fail(digest, fault)
+        if isinstance(answer, Rejection):
+            raise InvalidKey(_DETAILS[answer.reason], reason=answer.reason)
+        return Resolved(answer, digest, "tower")
+
+    def _settled(self, digest: bytes, future: asyncio.Future[Any]) -> None:
+        if self._inflight.get(digest) is future:
+            del self._inflight[digest]
+        if not future.cancelled():
+            future.exception()  # retrieved: no "never retrieved" noise if all callers left
+
+    async def _fetch(self, api_key: str, digest: bytes) -> Identity | Rejection:
+        started = time.perf_counter()
+        self.stats.tower_calls += 1
+        try:
+            answer = await self.tower.validate(api_key)
+        except TowerFault as fault:
+            self._observe(fault.kind, started)
+            log.warning("tower fault (%s): %s", fault.kind, fault.detail)
+            raise
+        except Exception as exc:
+            # A bug or an unexpected library error is still never a valid key.
+            self._observe("error", started)
+            log.exception("tower client failed")
+            raise TowerFault("error", type(exc).__name__) from None
+        now = self._clock()
+        self.last_tower_ok = now
+        if isinstance(answer, Rejection):
+            self._drop(digest)
+            if self._negative is not None:
+                self._negative[digest] = answer.reason
+            self._observe(answer.reason, started)
+        else:
+            self._store(digest, answer, now)
+            self._observe("valid", started)
+        return answer
+
+    def _observe(self, outcome: str, started: float) -> None:
+        if self._on_tower_call is not None:
+            self._on_tower_call(outcome, time.perf_counter() - started)
+
+    def _stale_or_fail(self, digest: bytes, fault: TowerFault) -> Resolved:
+        now = self._clock()
+        entry = self._positive.get(digest)
+        if entry is not None and now < entry.stale_until and not entry.identity.expired(now):
+            self.stats.stale_serves += 1
+            return Resolved(entry.identity, digest, "stale")
+        raise TowerUnavailable(
+            "the key service is unavailable", headers={"Retry-After": RETRY_AFTER_SECONDS}
+        ) from fault
+
+    # ------------------------------------------------------------------ storage
+
+    def _store(self, digest: bytes, identity: Identity, now: float) -> None:
+        limit = identity.expires_at if identity.expires_at is not None else float("inf")
+        fresh_until = min(now + self._config.ttl, limit)
+        stale_until = min(fresh_until + self._config.stale_if_error, limit)
+        if stale_until <= now:
+            return
+        if self._negative is not None:
+            self._negative.pop(digest, None)
+        self._positive[digest] = _Entry(identity, fresh_until, stale_until)
+        digests = self._by_key_id.setdefault(identity.key_id, set())
+        digests.add(digest)
+        if len(self._by_key_id) > 2 * self._config.max_entries:
+            self._reindex()
+
+    def _reindex(self) -> None:
+        index: dict[str, set[bytes]] = {}
+        for digest, entry in list(self._positive.items()):
+            index.setdefault(entry.identity.key_id, set()).add(digest)
+        self._by_key_id = index
+
+    def _drop(self, digest: bytes) -> None:
+        entry = self._positive.pop(digest, None)
+        if entry is not None:
+            digests = self._by_key_id.get(entry.identity.key_id)
+            if digests is not None:
+                digests.discard(digest)
+                if not digests:
+                    del self._by_key_id[entry.identity.key_id]
+
+    # ------------------------------------------------------------------ admin
+
+    def invalidate_key_id(self, key_id: str) -> set[bytes]:
+        """Drop every entry of one key_id; returns the digests dropped."""
+        digests = self._by_key_id.pop(key_id, set())
+        for digest in digests:
+            self._positive.pop(digest, None)
+        return digests
+
+    def clear(self) -> None:
+        self._positive.clear()
+        if self._negative is not None:
+            self._negative.clear()
+        self._by_key_id.clear()
+
+    def entry_counts(self) -> tuple[int, int]:
+        """(positive, negative) entries, without walking them."""
+        return len(self._positive), len(self._negative) if self._negative is not None else 0
+
+    def peek(self, digest: bytes) -> Identity | None:
+        entry = self._positive.get(digest)
+        return entry.identity if entry is not None else None
+
+    def sizes(self) -> tuple[int, int, int]:
+        """(positive entries, fresh positive entries, negative entries)."""
+        now = self._clock()
+        self._positive.expire()
+        positive = list(self._positive.values())
+        fresh = sum(1 for e in positive if now < e.fresh_until and not e.identity.expired(now))
+        negative = len(self._negative) if self._negative is not None else 0
+        return len(positive), fresh, negative
+
+    def snapshot(self) -> dict[str, Any]:
+        total, valid, negative = self.sizes()
+        s = self.stats
+        return {
+            "total_cached_keys": total + negative,
+            "valid_cached_keys": valid,
+            "negative_cached_keys": negative,
+            "cache_hit_ratio": round(s.hit_ratio, 6),
+            "hits": s.hits,
+            "misses": s.misses,
+            "negative_hits": s.negative_hits,
+            "stale_serves": s.stale_serves,
+            "evictions": s.evictions,
+            "single_flight_waiters": s.waiters,
+            "tower_calls": s.tower_calls,
+            "max_entries": self._config.max_entries,
+        }

@@ -1,0 +1,212 @@
+"""HTTP forwarding: headers rewritten once, bodies streamed both ways, faults classified.
+
+Nothing is buffered whole: the request body is handed to the upstream as it
+arrives and the response body is written to the client chunk by chunk. One
+pooled `ClientSession` per upstream origin; no cookies are kept between clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Final
+
+from aiohttp import (
+    ClientConnectionError,
+    ClientPayloadError,
+    ClientResponse,
+    ClientSession,
+    ClientTimeout,
+    DummyCookieJar,
+    TCPConnector,
+    hdrs,
+    web,
+)
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.errors import PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
+from gateway.routes import Route
+
+log = logging.getLogger("tower_gateway.proxy")
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection", "expect",
+        "host",
+    }
+)
+# Set by the gateway, so never taken from the client (nor any `_`/`.` spelling).
+GATEWAY_SET: Final = frozenset(
+    {
+        "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
+        "x-forwarded-prefix", "forwarded", "x-real-ip", "x-request-id",
+    }
+)
+# Identity headers other proxies and frameworks trust; a client must not forge them.
+IDENTITY_HEADERS: Final = frozenset(
+    {
+        "x-api-key", "x-forwarded-user", "x-forwarded-email", "x-forwarded-groups",
+        "x-forwarded-preferred-username", "x-forwarded-access-token", "x-remote-user",
+        "remote-user", "x-user", "x-user-id", "x-user-role", "x-user-roles", "x-role",
+        "x-key-id", "x-scopes", "x-team", "x-jwt-assertion", "x-internal-jwt",
+    }
+)
+IDENTITY_PREFIXES: Final = ("x-auth-", "x-gateway-", "x-tower-")
+RESPONSE_DROP: Final = HOP_BY_HOP | {"content-length"}
+CHUNK: Final = 64 * 1024
+
+
+def canonical(name: str) -> str:
+    """Header name as a proxy on the way might read it: `X_Api.Key` -> `x-api-key`."""
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+class HeaderPolicy:
+    """Which client headers reach the upstream; computed once per config."""
+
+    __slots__ = ("_blocked",)
+
+    def __init__(self, extra_blocked: Iterable[str]) -> None:
+        self._blocked = frozenset(HOP_BY_HOP | GATEWAY_SET | IDENTITY_HEADERS) | {
+            canonical(h) for h in extra_blocked
+        }
+
+    def blocked(self, name: str) -> bool:
+        low = canonical(name)
+        return low in self._blocked or low.startswith(IDENTITY_PREFIXES)
+
+    def forwardable(
+        self, headers: Mapping[str, str], connection_tokens: frozenset[str]
+    ) -> CIMultiDict[str]:
+        out: CIMultiDict[str] = CIMultiDict()
+        blocked = self._blocked
+        for name, value in headers.items():
+            low = name.lower()
+            if low in blocked or low in connection_tokens:
+                continue
+            if ("_" in low or "." in low or low.startswith(IDENTITY_PREFIXES)) and self.blocked(
+                low
+            ):
+                continue
+            out.add(name, value)
+        return out
+
+
+def connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+    value = headers.get(hdrs.CONNECTION)
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+class Forwarder:
+    """Sends a request to its route's upstream and streams the answer back."""
+
+    def __init__(self, *, max_body_size: int | None) -> None:
+        self._max_body = max_body_size
+        self._sessions: dict[str, ClientSession] = {}
+
+    def session(self, origin: str) -> ClientSession:
+        session = self._sessions.get(origin)
+        if session is None or session.closed:
+            session = ClientSession(
+                connector=TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
+                timeout=ClientTimeout(total=None, sock_connect=10),
+                auto_decompress=False,
+                cookie_jar=DummyCookieJar(),
+                skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING),
+            )
+            self._sessions[origin] = session
+        return session
+
+    async def close(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
+
+    def check_length(self, request: web.BaseRequest) -> None:
+        limit = self._max_body
+        if limit is not None and request.content_length is not None and (
+            request.content_length > limit
+        ):
+            raise PayloadTooLarge(f"request body larger than {limit} bytes")
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        path: str,
+        query: str,
+        headers: CIMultiDict[str],
+        response_headers: Mapping[str, str],
+    ) -> web.StreamResponse:
+        url = URL(
+            f"{route.upstream_origin}{route.upstream_base}{path}{'?' + query if query else ''}",
+            encoded=True,
+        )
+        body = self._body(request) if request.body_exists else None
+        session = self.session(route.upstream_origin)
+        try:
+            async with asyncio.timeout(route.config.timeout):
+                upstream = await session.request(
+                    request.method, url, headers=headers, data=body, allow_redirects=False,
+                    compress=False,
+                )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"upstream did not answer within {route.config.timeout:g}s"
+            ) from None
+        except _TooLarge:
+            raise PayloadTooLarge(f"request body larger than {self._max_body} bytes") from None
+        except (ClientConnectionError, OSError) as exc:
+            raise UpstreamUnavailable(f"upstream unavailable ({type(exc).__name__})") from None
+        return await self._relay(request, upstream, response_headers)
+
+    async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
+        limit, seen = self._max_body, 0
+        async for chunk in request.content.iter_any():
+            seen += len(chunk)
+            if limit is not None and seen > limit:
+                raise _TooLarge
+            yield chunk
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        upstream: ClientResponse,
+        response_headers: Mapping[str, str],
+    ) -> web.StreamResponse:
+        try:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            tokens = connection_tokens(upstream.headers)
+            for name, value in upstream.headers.items():
+                low = name.lower()
+                if low not in RESPONSE_DROP and low not in tokens:
+                    response.headers.add(name, value)
+            response.headers.update(response_headers)
+            length = upstream.headers.get(hdrs.CONTENT_LENGTH)
+            if length is not None and hdrs.TRANSFER_ENCODING not in upstream.headers:
+                response.content_length = int(length)
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_chunked(CHUNK):
+                    await response.write(chunk)
+            except (ClientPayloadError, ClientConnectionError, TimeoutError) as exc:
+                # Too late for a 502: the status line is out. Cut the
+                # connection so the client sees a truncated response.
+                log.warning("upstream response broke off: %s", type(exc).__name__)
+                response.force_close()
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            upstream.release()
+
+
+class _TooLarge(Exception):
+    """Raised inside the streamed request body when it passes `max_body_size`."""

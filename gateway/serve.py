@@ -1,0 +1,89 @@
+"""Run a gateway: the proxy and ops listeners, signals, and a bounded graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from gateway.app import Gateway
+from gateway.config import Config
+
+log = logging.getLogger("tower_gateway.serve")
+
+
+async def serve(
+    config: Config,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    reuse_port: bool = False,
+    ops: bool = True,
+    sock: socket.socket | None = None,
+    on_ready: Callable[[Gateway], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting and drain in-flight requests."""
+    gateway = Gateway(config)
+    proxy_runner = web.AppRunner(
+        gateway.proxy_app(),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=config.server.shutdown_timeout,
+    )
+    await proxy_runner.setup()
+    ops_runner = web.AppRunner(gateway.ops_app(), access_log=None, handle_signals=False)
+    await ops_runner.setup()
+    try:
+        if sock is not None:
+            site: web.BaseSite = web.SockSite(proxy_runner, sock)
+        else:
+            site = web.TCPSite(
+                proxy_runner,
+                host or config.server.host,
+                port if port is not None else config.server.port,
+                reuse_port=reuse_port or None,
+                backlog=1024,
+            )
+        await site.start()
+        if ops:
+            await web.TCPSite(ops_runner, config.ops.host, config.ops.port,
+                              reuse_port=reuse_port or None).start()
+        log.info("listening on %s (ops %s:%s)", site.name, config.ops.host, config.ops.port)
+        if on_ready is not None:
+            on_ready(gateway)
+        await _wait_for_signal()
+        log.info("stopping: draining in-flight requests (up to %ss)",
+                 config.server.shutdown_timeout)
+    finally:
+        # cleanup() stops accepting first, waits for in-flight handlers up to
+        # shutdown_timeout, then closes the gateway's clients (cleanup_ctx).
+        await proxy_runner.cleanup()
+        await ops_runner.cleanup()
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a default dependency
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)

@@ -1,0 +1,148 @@
+"""Mint the internal JWT the upstream verifies, reuse it while it is fresh, publish JWKS.
+
+A token is cached per (key fingerprint, grants) and reused until less than a
+tenth of its lifetime is left, so a cache-hit request does not sign. `exp` is
+never after the key's own `expires_at`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import jwt
+from cachetools import LRUCache
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from gateway.capabilities import Grants
+from gateway.config import JwtConfig
+from gateway.errors import ConfigError
+from gateway.tower import Identity
+
+REFRESH_FRACTION: Final = 0.1
+MAX_CACHED_TOKENS: Final = 100_000
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    algorithm: str
+    kid: str
+    key: bytes | PrivateKey
+    public_jwk: Mapping[str, Any] | None  # None for HMAC: nothing to publish
+
+
+def load_signing_key(config: JwtConfig) -> SigningKey:
+    """Read the configured key once at start-up; a bad key is a `ConfigError`."""
+    if config.algorithm.startswith("HS"):
+        assert config.secret is not None
+        secret = config.secret.encode()
+        # The kid names the key without revealing it: a short hash, not the secret.
+        kid = config.kid or "hs-" + hashlib.sha256(b"kid:" + secret).hexdigest()[:16]
+        return SigningKey(config.algorithm, kid, secret, None)
+
+    assert config.private_key_file is not None
+    try:
+        data = Path(config.private_key_file).read_bytes()
+        private = serialization.load_pem_private_key(data, password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError("jwt.private_key_file", f"not a readable PEM private key ({exc})") from None
+    expected: dict[str, type] = {
+        "RS256": rsa.RSAPrivateKey,
+        "ES256": ec.EllipticCurvePrivateKey,
+        "EdDSA": ed25519.Ed25519PrivateKey,
+    }
+    if not isinstance(private, expected[config.algorithm]):
+        raise ConfigError("jwt.private_key_file", f"key type does not match {config.algorithm}")
+    if isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name != "secp256r1":
+        raise ConfigError("jwt.private_key_file", "ES256 needs a P-256 key")
+    algo = jwt.get_algorithm_by_name(config.algorithm)
+    public_jwk: dict[str, Any] = json.loads(algo.to_jwk(private.public_key()))
+    thumb_src = json.dumps({k: public_jwk[k] for k in sorted(public_jwk)}, separators=(",", ":"))
+    kid = config.kid or hashlib.sha256(thumb_src.encode()).hexdigest()[:16]
+    public_jwk.update({"kid": kid, "alg": config.algorithm, "use": "sig"})
+    return SigningKey(config.algorithm, kid, private, public_jwk)  # type: ignore[arg-type]
+
+
+class TokenMinter:
+    """Signs internal JWTs and remembers them until they need refreshing."""
+
+    __slots__ = ("_cache", "_clock", "_config", "_key", "minted", "reused")
+
+    def __init__(
+        self,
+        config: JwtConfig,
+        key: SigningKey,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_cached: int = MAX_CACHED_TOKENS,
+    ) -> None:
+        self._config = config
+        self._key = key
+        self._clock = clock
+        self._cache: LRUCache[tuple[bytes, Grants], tuple[str, float]] = LRUCache(max_cached)
+        self.minted = 0
+        self.reused = 0
+
+    @property
+    def kid(self) -> str:
+        return self._key.kid
+
+    def jwks(self) -> dict[str, list[Mapping[str, Any]]]:
+        return {"keys": [self._key.public_jwk] if self._key.public_jwk else []}
+
+    def token_for(self, cache_key: bytes, identity: Identity, grants: Grants) -> str:
+        now = self._clock()
+        # Grants compare by identity and are memoised per (role, scopes) by the
+        # mapper: a new mapping (a reload) yields new grants and so a new token.
+        # The slot holds the grants itself, so a freed object's id is never reused.
+        slot = (cache_key, grants)
+        cached = self._cache.get(slot)
+        if cached is not None and now < cached[1]:
+            self.reused += 1
+            return cached[0]
+        token, exp, iat = self._sign(identity, grants, now)
+        self._cache[slot] = (token, exp - (exp - iat) * REFRESH_FRACTION)
+        self.minted += 1
+        return token
+
+    def forget(self, cache_keys: set[bytes] | None = None) -> None:
+        """Drop cached tokens (all, or those of some keys): revocation, key rotation."""
+        if cache_keys is None:
+            self._cache.clear()
+            return
+        for slot in [s for s in self._cache if s[0] in cache_keys]:
+            self._cache.pop(slot, None)
+
+    def _sign(self, identity: Identity, grants: Grants, now: float) -> tuple[str, float, float]:
+        iat = int(now)
+        exp = iat + int(self._config.ttl)
+        if identity.expires_at is not None:
+            exp = min(exp, int(identity.expires_at))
+        claims: dict[str, Any] = {
+            "iss": self._config.issuer,
+            "aud": self._config.audience,
+            "sub": identity.user_id,
+            "iat": iat,
+            "nbf": iat,
+            "exp": exp,
+            "jti": uuid.uuid4().hex,
+            "role": grants.role,
+            "caps": list(grants.caps),
+            "scopes": list(identity.scopes),
+            "key_id": identity.key_id,
+        }
+        if identity.team is not None:
+            claims["team"] = identity.team
+        token = jwt.encode(
+            claims, self._key.key, algorithm=self._key.algorithm, headers={"kid": self._key.kid}
+        )
+        return token, float(exp), float(iat)

@@ -1,0 +1,116 @@
+"""The client for a remote tower: the exact request of the contract, a strict reading.
+
+One pooled `httpx.AsyncClient` per process. Redirects are never followed (the
+tower secret never leaves the tower's origin), the body read is bounded, and the
+whole exchange, including a slow-drip body, has one total deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Final
+
+import httpx
+
+from gateway.config import TowerConfig
+from gateway.errors import TowerFault
+from gateway.tower import TowerAnswer, parse_answer
+
+MAX_BODY: Final = 64 * 1024
+VALIDATE_PATH: Final = "/api/v1/validate"
+TOWER_SECRET_HEADER: Final = "X-Tower-Secret"
+
+
+class RemoteTower:
+    """Validates keys with `POST {tower.url}/api/v1/validate`."""
+
+    name = "remote"
+
+    def __init__(self, config: TowerConfig, *, transport: httpx.AsyncBaseTransport | None = None):
+        assert config.url is not None and config.api_key and config.secret
+        self._url = config.url.rstrip("/") + VALIDATE_PATH
+        self._timeout = config.timeout
+        self._headers = {
+            "Authorization": f"Bearer {config.api_key}",
+            TOWER_SECRET_HEADER: config.secret,
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        }
+        connect = config.connect_timeout or config.timeout
+        self._client = httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=httpx.Timeout(config.timeout, connect=connect),
+            limits=httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.max_connections,
+            ),
+            transport=transport,
+            trust_env=False,
+        )
+
+    async def validate(self, api_key: str) -> TowerAnswer:
+        try:
+            async with asyncio.timeout(self._timeout):
+                status, body = await self._exchange(api_key)
+        except TimeoutError:
+            raise TowerFault("timeout", f"no complete answer within {self._timeout}s") from None
+        except httpx.TimeoutException:
+            raise TowerFault("timeout", "tower timed out") from None
+        except httpx.ConnectError as exc:
+            raise TowerFault("refused", f"cannot connect: {type(exc).__name__}") from None
+        except httpx.HTTPError as exc:
+            raise TowerFault("error", f"transport error: {type(exc).__name__}") from None
+        return self._interpret(status, body)
+
+    async def _exchange(self, api_key: str) -> tuple[int, bytes]:
+        payload = json.dumps({"api_key": api_key}).encode()
+        request = self._client.build_request("POST", self._url, content=payload,
+                                             headers=self._headers)
+        response = await self._client.send(request, stream=True)
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_raw():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise TowerFault("malformed", f"answer larger than {MAX_BODY} bytes")
+                chunks.append(chunk)
+            return response.status_code, b"".join(chunks)
+        finally:
+            await response.aclose()
+
+    @staticmethod
+    def _interpret(status: int, raw: bytes) -> TowerAnswer:
+        if 300 <= status < 400:
+            raise TowerFault("redirect", f"tower answered {status}; redirects are not followed")
+        if status >= 500:
+            raise TowerFault("server_error", f"tower answered {status}")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        # A `valid: false` answer is believed whatever the status; a 401/403
+        # without one is about the gateway's own credentials, not the key.
+        if isinstance(body, dict) and body.get("valid") is False:
+            return parse_answer(status, body)
+        if status in (401, 403):
+            raise TowerFault("tower_auth", f"tower refused the gateway's credentials ({status})")
+        if body is None:
+            raise TowerFault("malformed", f"status {status} with a body that is not JSON")
+        if status != 200:
+            raise TowerFault("malformed", f"unexpected status {status}")
+        return parse_answer(status, body)
+
+    async def ping(self) -> bool:
+        """Reachable means it answers HTTP at all; readiness, not validity."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._client.get(self._url.rsplit("/api/", 1)[0] + "/")
+                await response.aclose()
+        except (TimeoutError, httpx.HTTPError):
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self._client.aclose()
