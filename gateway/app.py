@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import unquote_plus
 
 import redis.asyncio
 from aiohttp import hdrs, web
@@ -52,19 +53,25 @@ log = logging.getLogger("tower_gateway")
 
 REQUEST_ID: Final = "X-Request-Id"
 _REQUEST_ID_OK: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
-QUERY_KEY_PARAMS: Final = frozenset({"api_key", "apikey", "api-key"})
+# Query parameter names that carry a key, compared after decoding and without
+# separators, so `api%5Fkey`, `API-KEY` and `api.key` are all caught.
+QUERY_KEY_PARAMS: Final = frozenset({"apikey"})
+_NAME_NOISE: Final = re.compile(r"[^a-z0-9]")
 
-GATEWAY: Final = web.AppKey("gateway", "Gateway")
 
 
-def make_tower(config: Config) -> Tower:
+def make_tower(config: Config, *, on_circuit_change: Callable[[str], None] | None = None) -> Tower:
     if config.tower.local is not None:
         from gateway.tower.local import LocalTower
 
+        # In-process SQLite: nothing to retry, no network to break the circuit of.
         return LocalTower(config.tower.local)
     from gateway.tower.client import RemoteTower
+    from gateway.tower.resilient import ResilientTower
 
-    return RemoteTower(config.tower)
+    return ResilientTower.from_config(
+        RemoteTower(config.tower), config.tower, on_state_change=on_circuit_change
+    )
 
 
 def request_id(value: str | None) -> str:
@@ -126,7 +133,10 @@ class Gateway:
         self.metrics = Metrics(self.registry)
         self.signing_key: SigningKey = load_signing_key(config.jwt)
         self.fingerprinter = Fingerprinter(self._fingerprint_secret())
-        self.tower: Tower = tower if tower is not None else make_tower(config)
+        self.tower: Tower = (
+            tower if tower is not None
+            else make_tower(config, on_circuit_change=self.metrics.circuit_state)
+        )
         self.resolver = IdentityResolver(
             self.tower, config.cache, self.fingerprinter, clock=clock,
             on_tower_call=self.metrics.tower_call,
@@ -301,7 +311,7 @@ class Gateway:
     ) -> str:
         """Key -> identity -> grants -> policy -> rate limit -> JWT; raises a denial."""
         parts = self.components
-        challenge = {hdrs.WWW_AUTHENTICATE: parts.www_authenticate}
+        challenge: dict[str, str] = {hdrs.WWW_AUTHENTICATE: parts.www_authenticate}
         key = parts.extractor.extract(request.headers)
         if key is None:
             raise MissingKey(f"No API key: send {parts.extractor.describe()}", headers=challenge)
@@ -331,14 +341,18 @@ class Gateway:
         return self.minter.token_for(resolved.digest, identity, grants)
 
 
+GATEWAY: Final[web.AppKey[Gateway]] = web.AppKey("gateway", Gateway)
+
+
 def _is_upgrade(request: web.Request) -> bool:
     upgrade = request.headers.get(hdrs.UPGRADE)
     return upgrade is not None and upgrade.lower() == "websocket"
 
 
 def _has_query_key(query: str) -> bool:
-    for pair in query.split("&"):
-        name = pair.split("=", 1)[0].lower()
+    # `;` separates pairs too for some frameworks, so it is a separator here.
+    for pair in re.split(r"[&;]", query):
+        name = _NAME_NOISE.sub("", unquote_plus(pair.split("=", 1)[0]).lower())
         if name in QUERY_KEY_PARAMS:
             return True
     return False

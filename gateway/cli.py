@@ -77,7 +77,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.workers > 1:
             from gateway.workers import run_workers
 
-            return run_workers(config, args.config, args.workers, host=args.host, port=args.port)
+            code: int = run_workers(
+                config, args.config, args.workers, host=args.host, port=args.port
+            )
+            return code
         run(serve(config, host=args.host, port=args.port))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

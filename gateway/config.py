@@ -146,6 +146,14 @@ class TowerConfig:
     connect_timeout: float | None = _check(_positive, None)
     max_connections: int = _check(_positive, 100)
     local: LocalTowerConfig | None = None
+    # Resilience of the remote tower client (gateway/tower/resilient.py).
+    retries: int = _check(_non_negative, 2)
+    retry_backoff: float = _check(_non_negative, 0.05)  # first backoff cap; doubles per retry
+    retry_backoff_max: float = _check(_non_negative, 0.5)
+    budget: float | None = _check(_positive, None)  # all attempts together; null = timeout
+    breaker_threshold: int = _check(_positive, 5)  # consecutive faults that open the circuit
+    breaker_reset: float = _check(_positive, 5.0)  # seconds open before one probe call
+    max_concurrency: int = _check(_positive, 64)  # tower calls in flight at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,12 +284,40 @@ class Config:
 # --------------------------------------------------------------------------- expansion
 
 
-def _expand(node: Any, path: str, env: Mapping[str, str]) -> Any:
+_PLACEHOLDER: Final = re.compile(r"__tower_gateway_env_(\d+)__")
+
+
+def _protect(text: str) -> tuple[str, list[str]]:
+    """Swap each `${...}` for a YAML-safe placeholder before parsing.
+
+    `admin: {token: ${TOKEN}}` is not valid YAML (the braces), yet the
+    contract lets `${VAR}` stand anywhere; placeholders parse as plain scalars
+    in block and flow style, and are expanded after parsing, so a secret's
+    characters never meet the YAML parser. References in comments vanish with
+    the comments and are never looked up.
+    """
+    refs: list[str] = []
+
+    def swap(match: re.Match[str]) -> str:
+        refs.append(match.group(0))
+        return f"__tower_gateway_env_{len(refs) - 1}__"
+
+    return _ENV_REF.sub(swap, text), refs
+
+
+def _expand(node: Any, path: str, env: Mapping[str, str], refs: list[str] | None = None) -> Any:
     if isinstance(node, dict):
-        return {k: _expand(v, _join(path, str(k)), env) for k, v in node.items()}
+        return {
+            _expand(k, path, env, refs): _expand(v, _join(path, str(k)), env, refs)
+            for k, v in node.items()
+        }
     if isinstance(node, list):
-        return [_expand(v, f"{path}[{i}]", env) for i, v in enumerate(node)]
-    if not isinstance(node, str) or "${" not in node:
+        return [_expand(v, f"{path}[{i}]", env, refs) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+    if refs and "__tower_gateway_env_" in node:
+        node = _PLACEHOLDER.sub(lambda m: refs[int(m.group(1))], node)
+    if "${" not in node:
         return node
 
     def substitute(m: re.Match[str]) -> str:
@@ -337,7 +373,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                     raise
                 errors.append(exc)
         raise ConfigError(path, f"expected {_describe(tp)}")
-    if is_dataclass(tp):
+    if isinstance(tp, type) and is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(path, "expected a mapping")
         return _build(tp, value, path)
@@ -452,15 +488,25 @@ def _finish(cfg: Config, env: Mapping[str, str], base: Path) -> Config:
             raise ConfigError("jwt.private_key_file", f"no such file: {key_path}")
         jwt = _replace(jwt, private_key_file=str(key_path))
 
-    admin = _replace(cfg.admin, token=_env_default(cfg.admin.token, "GATEWAY_ADMIN_TOKEN", env))
+    # An empty token (`${GATEWAY_ADMIN_TOKEN:-}`) means the admin API is off.
+    admin = _replace(
+        cfg.admin, token=_env_default(cfg.admin.token, "GATEWAY_ADMIN_TOKEN", env) or None
+    )
     if admin.token is not None and len(admin.token) < 16:
         raise ConfigError("admin.token", "must be at least 16 characters")
 
     names = set()
     routes = []
     for i, route in enumerate(cfg.routes):
-        name = route.name or _route_name(route.path)
-        if name in names:
+        name = route.name
+        if name is None:
+            # Derived names stay unique: a path listed twice (per-method routes)
+            # gets a numeric suffix; explicit names must be unique as written.
+            name = base_name = _route_name(route.path)
+            suffix = 2
+            while name in names:
+                name, suffix = f"{base_name}_{suffix}", suffix + 1
+        elif name in names:
             raise ConfigError(f"routes[{i}].name", f"duplicate route name {name!r}")
         names.add(name)
         routes.append(_replace(route, name=name))
@@ -495,6 +541,7 @@ def parse_config(
     env: Mapping[str, str] | None = None,
     base: Path | None = None,
     source: str = "<dict>",
+    refs: list[str] | None = None,
 ) -> Config:
     """Build a `Config` from already-parsed YAML (tests use plain dicts)."""
     env = os.environ if env is None else env
@@ -502,7 +549,7 @@ def parse_config(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("", "the top level must be a mapping")
-    expanded = _expand(data, "", env)
+    expanded = _expand(data, "", env, refs)
     cfg = _build(Config, expanded, "")
     cfg = _finish(cfg, env, base or Path.cwd())
     return _replace(cfg, source=source)
@@ -517,13 +564,25 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
         raise ConfigError("", f"cannot read {p}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError("", f"{p} is not UTF-8 text") from None
+    return parse_config_text(text, env=env, base=p.resolve().parent, source=str(p))
+
+
+def parse_config_text(
+    text: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    base: Path | None = None,
+    source: str = "<text>",
+) -> Config:
+    """Parse YAML text (with `${VAR}` anywhere) into a validated `Config`."""
+    protected, refs = _protect(text)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(protected)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError("", f"{p} is not valid YAML{where}") from None
-    return parse_config(data, env=env, base=p.resolve().parent, source=str(p))
+        raise ConfigError("", f"{source} is not valid YAML{where}") from None
+    return parse_config(data, env=env, base=base, source=source, refs=refs)
 
 
 def default_config_path(env: Mapping[str, str] | None = None) -> str:

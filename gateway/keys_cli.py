@@ -78,21 +78,27 @@ def _when(ts: float | None, never: str = "never") -> str:
 
 
 def _describe(record: KeyRecord) -> list[str]:
-    lines = [
-        f"key_id:   {record.key_id}",
-        f"prefix:   {record.display_prefix}",
-        f"user_id:  {record.user_id}",
-        f"role:     {record.role}",
-        f"scopes:   {', '.join(record.scopes) or '-'}",
-        f"env:      {record.env}",
-        f"expires:  {_when(record.expires_at)}",
+    fields = [
+        ("key_id", record.key_id),
+        ("prefix", record.display_prefix),
+        ("user_id", record.user_id),
+        ("role", record.role),
+        ("scopes", ", ".join(record.scopes) or "-"),
+        ("env", record.env),
+        ("expires", _when(record.expires_at)),
     ]
-    lines += [
-        f"{name + ':':<9} {record.metadata[name]}"
+    fields += [
+        (name, str(record.metadata[name]))
         for name in ("team", "rate_limit")
         if record.metadata.get(name) is not None
     ]
-    return lines
+    return [f"{name + ':':<12}{value}" for name, value in fields]
+
+
+def _number(text: str) -> float:
+    """A float, kept an int when whole, so `--rate-limit 60` is stored as 60."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def _print_new_key(record: KeyRecord, raw_key: str, intro: Sequence[str] = ()) -> None:
@@ -104,12 +110,6 @@ def _print_new_key(record: KeyRecord, raw_key: str, intro: Sequence[str] = ()) -
 
 def _create(args: argparse.Namespace) -> int:
     cfg, local = _load(args)
-    if args.role not in cfg.roles:
-        print(
-            f"warning: role {args.role!r} is not mapped in `roles`; the gateway will not "
-            "recognise it",
-            file=sys.stderr,
-        )
     store = _open_store(local)
     try:
         raw, record = store.create(
@@ -123,6 +123,12 @@ def _create(args: argparse.Namespace) -> int:
         )
     finally:
         store.close()
+    if args.role not in cfg.roles:
+        print(
+            f"warning: role {args.role!r} is not mapped in `roles`; the gateway will not "
+            "recognise it",
+            file=sys.stderr,
+        )
     _print_new_key(record, raw)
     return 0
 
@@ -257,7 +263,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     create.add_argument("--env", choices=("test", "live"), default="test")
     create.add_argument(
         "--rate-limit",
-        type=float,
+        type=_number,
         default=None,
         metavar="N",
         help="requests per minute for this key",

@@ -27,6 +27,8 @@ from gateway import __version__
 from gateway.identity import CacheStats
 
 PREFIX: Final = "tower_gateway_"
+# Gauge values of `tower_circuit_state`, ordered by severity so max() over replicas is useful.
+CIRCUIT_STATES: Final = {"closed": 0, "half_open": 1, "open": 2}
 LATENCY_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
@@ -75,7 +77,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         # `_created` series double every counter's output and no dashboard uses them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
         self.tower_requests = Counter(
             PREFIX + "tower_requests", "Calls to the tower by outcome", ["outcome"],
@@ -113,6 +115,10 @@ class Metrics:
         self.in_flight = Gauge(
             PREFIX + "requests_in_flight", "Requests being handled", registry=registry
         )
+        self.tower_circuit_state = Gauge(
+            PREFIX + "tower_circuit_state",
+            "Tower circuit breaker: 0 closed, 1 half-open, 2 open", registry=registry,
+        )
         self.would_deny = Counter(
             PREFIX + "would_deny", "Denials not enforced (shadow mode), by route and reason",
             ["route", "outcome"], registry=registry,
@@ -128,6 +134,9 @@ class Metrics:
     def tower_call(self, outcome: str, seconds: float) -> None:
         self.tower_requests.labels(outcome).inc()
         self.tower_seconds.labels(outcome).observe(seconds)
+
+    def circuit_state(self, state: str) -> None:
+        self.tower_circuit_state.set(CIRCUIT_STATES[state])
 
     def count_request(self, route: str, status: int) -> None:
         child = self._request_children.get((route, status))

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 READY_CACHE_SECONDS: Final = 2.0
 PING_TIMEOUT: Final = 2.0
 
-OPS_GATEWAY: Final = web.AppKey("ops_gateway", "Gateway")
+OPS_GATEWAY: Final[web.AppKey[Gateway]] = web.AppKey("ops_gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -73,6 +73,26 @@ class Readiness:
         return ready, checks
 
 
+def admin_guard(token: str | None) -> Callable[[Handler], Handler]:
+    """Wrap `/admin/*` handlers: 404 with no token configured, 401 without the bearer."""
+
+    def admin(handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            if token is None:
+                return _error(404, "not_found", "admin API disabled: no admin token configured")
+            scheme, _, provided = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+            # compare_digest: the time taken must not reveal how much of the token matched.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                provided.strip().encode(), token.encode()
+            ):
+                return _error(401, "unauthorized", "admin endpoints need the admin bearer token")
+            return await handler(request)
+
+        return guarded
+
+    return admin
+
+
 def create_ops_app(gateway: Gateway) -> web.Application:
     app = web.Application()
     app[OPS_GATEWAY] = gateway
@@ -93,19 +113,7 @@ def create_ops_app(gateway: Gateway) -> web.Application:
     async def jwks(_request: web.Request) -> web.Response:
         return _json(gateway.minter.jwks())
 
-    def admin(handler: Handler) -> Handler:
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            if token is None:
-                return _error(404, "not_found", "admin API disabled: no admin token configured")
-            scheme, _, provided = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-            # compare_digest: the time taken must not reveal how much of the token matched.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                provided.strip().encode(), token.encode()
-            ):
-                return _error(401, "unauthorized", "admin endpoints need the admin bearer token")
-            return await handler(request)
-
-        return guarded
+    admin = admin_guard(token)
 
     async def cache_stats(_request: web.Request) -> web.Response:
         return _json(gateway.resolver.snapshot())

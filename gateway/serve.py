@@ -26,8 +26,13 @@ async def serve(
     ops: bool = True,
     sock: socket.socket | None = None,
     on_ready: Callable[[Gateway], None] | None = None,
+    ops_sock: socket.socket | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting and drain in-flight requests."""
+    """Serve until SIGTERM/SIGINT, then stop accepting and drain in-flight requests.
+
+    `ops_sock`, when given, is a bound listening socket that serves the ops app
+    as well (a worker's private listener, scraped by its supervisor).
+    """
     gateway = Gateway(config)
     proxy_runner = web.AppRunner(
         gateway.proxy_app(),
@@ -53,6 +58,8 @@ async def serve(
         if ops:
             await web.TCPSite(ops_runner, config.ops.host, config.ops.port,
                               reuse_port=reuse_port or None).start()
+        if ops_sock is not None:
+            await web.SockSite(ops_runner, ops_sock).start()
         log.info("listening on %s (ops %s:%s)", site.name, config.ops.host, config.ops.port)
         if on_ready is not None:
             on_ready(gateway)

@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
+from gateway.accesslog import AccessLog
 from gateway.app import Gateway
 from gateway.config import Config, parse_config
 
@@ -59,6 +60,7 @@ class FakeTower:
     mode: str = "ok"  # ok | error500 | garbage | wrong_types | unauthorized | hang | redirect
     delay: float = 0.0
     url: str = ""
+    server: TestServer | None = None  # close it to take the tower down
 
     def add(self, key: str, **record: Any) -> None:
         self.keys[key] = tower_record(**record)
@@ -122,11 +124,13 @@ class FakeUpstream:
 
     seen: list[Seen] = field(default_factory=list)
     url: str = ""
+    server: TestServer | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1024**3)
         app.router.add_get("/stream", self._stream)
         app.router.add_get("/sleep", self._sleep)
+        app.router.add_get("/slow/sleep", self._sleep)  # behind the 0.5 s `/slow` route
         app.router.add_route("*", "/{tail:.*}", self._echo)
         return app
 
@@ -173,6 +177,7 @@ async def fake_tower(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Fa
     tower = FakeTower()
     server = await aiohttp_server(tower.app(), host="127.0.0.1")
     tower.url = str(server.make_url("")).rstrip("/")
+    tower.server = server
     return tower
 
 
@@ -181,6 +186,7 @@ async def fake_upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) ->
     upstream = FakeUpstream()
     server = await aiohttp_server(upstream.app(), host="127.0.0.1")
     upstream.url = str(server.make_url("")).rstrip("/")
+    upstream.server = server
     return upstream
 
 
@@ -229,11 +235,18 @@ async def make_gateway(
     fake_upstream: FakeUpstream,
     aiohttp_client: Callable[..., Awaitable[TestClient]],
 ) -> GatewayFactory:
-    async def factory(clock: Callable[[], float] = time.time, **overrides: Any) -> Harness:
+    async def factory(
+        clock: Callable[[], float] = time.time,
+        access_log: AccessLog | None = None,
+        **overrides: Any,
+    ) -> Harness:
         config = gateway_config(fake_tower.url, fake_upstream.url, **overrides)
-        gateway = Gateway(config, registry=CollectorRegistry(), clock=clock)
-        client = await aiohttp_client(gateway.proxy_app())
-        ops = await aiohttp_client(gateway.ops_app())
+        gateway = Gateway(config, registry=CollectorRegistry(), clock=clock,
+                          access_log=access_log)
+        # No aiohttp access log, as in `serve`: the gateway writes its own.
+        quiet = {"access_log": None}
+        client = await aiohttp_client(gateway.proxy_app(), server_kwargs=quiet)
+        ops = await aiohttp_client(gateway.ops_app(), server_kwargs=quiet)
         return Harness(gateway, client, ops, fake_tower, fake_upstream)
 
     return factory

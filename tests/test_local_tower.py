@@ -18,8 +18,7 @@ import pytest
 
 from gateway.config import LocalTowerConfig
 from gateway.errors import ConfigError, TowerFault
-from gateway.tower import Identity, Rejection, parse_answer
-from gateway.tower import keyformat
+from gateway.tower import Identity, Rejection, keyformat, parse_answer
 from gateway.tower.local import (
     KeyNotFound,
     KeyStore,
@@ -100,8 +99,14 @@ def test_other_prefix_is_refused() -> None:
 
 def test_create_then_lookup_answers_the_tower_contract(store: KeyStore) -> None:
     raw, record = store.create(
-        "alice", "operator", scopes=["tools:execute", "read"], expires_in_days=30,
-        env="live", rate_limit=50, team="blue", metadata={"note": "ci"},
+        "alice",
+        "operator",
+        scopes=["tools:execute", "read"],
+        expires_in_days=30,
+        env="live",
+        rate_limit=50,
+        team="blue",
+        metadata={"note": "ci"},
     )
     assert raw.startswith("tk_live_") and record.key_id.startswith("key_")
     assert record.display_prefix == raw[:12] and record.status == "active"
@@ -223,7 +228,9 @@ def test_revoked_key_cannot_be_rotated(store: KeyStore) -> None:
         ({"metadata": {"x": object()}}, "metadata"),
     ],
 )
-def test_bad_input_is_a_clear_error(store: KeyStore, kwargs: dict[str, object], message: str) -> None:
+def test_bad_input_is_a_clear_error(
+    store: KeyStore, kwargs: dict[str, object], message: str
+) -> None:
     args: dict[str, object] = {"user_id": "alice", "role": "admin", **kwargs}
     with pytest.raises(StoreError, match=message):
         store.create(**args)  # type: ignore[arg-type]
@@ -364,19 +371,32 @@ def test_two_processes_creating_and_validating_lose_nothing(tmp_path: Path) -> N
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", _WORKER, str(db), name, "50", str(go)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for name in ("a", "b")
     ]
-    deadline = time.monotonic() + 20
-    while not all(Path(f"{go}.{n}.ready").exists() for n in "ab"):
-        assert time.monotonic() < deadline, "workers did not start"
-        time.sleep(0.01)
-    go.touch()  # both open the fresh database and race from here
+    outputs = []
+    try:
+        deadline = time.monotonic() + 20
+        while not all(Path(f"{go}.{n}.ready").exists() for n in "ab"):
+            assert time.monotonic() < deadline, "workers did not start"
+            for worker in workers:
+                if worker.poll() is not None:
+                    pytest.fail(f"a worker exited before the start: {worker.communicate()[1]}")
+            time.sleep(0.01)
+        go.touch()  # both open the fresh database and race from here
+        outputs = [worker.communicate(timeout=60) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.communicate()
 
     keys: list[str] = []
-    for worker in workers:
-        out, err = worker.communicate(timeout=60)
+    for worker, (out, err) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, err
         keys += json.loads(out)
 
@@ -404,7 +424,11 @@ async def test_local_tower_answers_like_a_remote_one(tower: LocalTower) -> None:
         raw, record = tower.store.create("alice", "admin", scopes=["x"], team="blue")
         identity = await tower.validate(raw)
         assert isinstance(identity, Identity)
-        assert (identity.key_id, identity.user_id, identity.role) == (record.key_id, "alice", "admin")
+        assert (identity.key_id, identity.user_id, identity.role) == (
+            record.key_id,
+            "alice",
+            "admin",
+        )
         assert identity.scopes == ("x",) and identity.team == "blue"
 
         assert await tower.validate("tk_test_nope") == Rejection("invalid_key")

@@ -122,7 +122,7 @@ def _text(value: object, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise StoreError(f"{what} must be a non-empty string")
     if len(value) > MAX_FIELD_LENGTH or not value.isprintable():
-        raise StoreError(f"{what} must be at most {MAX_FIELD_LENGTH} printable characters")
+        raise StoreError(f"{what} must be printable text of at most {MAX_FIELD_LENGTH} characters")
     return value
 
 
@@ -216,9 +216,7 @@ class KeyStore:
         conn = self._connect()
         try:
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if mode != "wal":
-                    raise StoreError(f"cannot use WAL journaling on {self.path} (got {mode})")
+                self._switch_to_wal(conn)
             conn.execute("BEGIN IMMEDIATE")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
@@ -229,6 +227,21 @@ class KeyStore:
             conn.execute("COMMIT")
         finally:
             conn.close()
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> None:
+        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                # The switch needs an exclusive lock and SQLite does not call the
+                # busy handler for it, so processes opening a new file together retry.
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        if mode != "wal":
+            raise StoreError(f"cannot use WAL journaling on {self.path} (got {mode})")
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -327,7 +340,7 @@ class KeyStore:
                 raise KeyNotFound(f"no key with id {key_id!r}")
             old = _record(row)
             state = old.state(now)
-            if state == "rotated":
+            if old.status == "rotated":
                 raise StoreError(f"key {key_id} was already rotated to {old.rotated_to}")
             if state != "active":
                 raise StoreError(f"key {key_id} is {state}; create a new key instead")
