@@ -18,10 +18,21 @@ from aiohttp import ClientSession, DummyCookieJar, TCPConnector, hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
-HOP_BY_HOP: Final = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "trailers", "transfer-encoding", "upgrade", "host", "content-length",
-})
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
 SESSION: Final = web.AppKey("session", ClientSession)
 
 
@@ -30,7 +41,9 @@ def make_app(upstream: str) -> web.Application:
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         app[SESSION] = ClientSession(
-            connector=TCPConnector(limit=0), auto_decompress=False, cookie_jar=DummyCookieJar(),
+            connector=TCPConnector(limit=0),
+            auto_decompress=False,
+            cookie_jar=DummyCookieJar(),
             skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING),
         )
         yield
@@ -68,8 +81,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
     args = parser.parse_args()
-    web.run_app(make_app(args.upstream), host="127.0.0.1", port=args.port, access_log=None,
-                print=None, backlog=2048, loop=uvloop.new_event_loop())
+    web.run_app(
+        make_app(args.upstream),
+        host="127.0.0.1",
+        port=args.port,
+        access_log=None,
+        print=None,
+        backlog=2048,
+        loop=uvloop.new_event_loop(),
+    )
 
 
 if __name__ == "__main__":

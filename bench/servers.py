@@ -89,17 +89,22 @@ class Tower:
         record = self._record(key)
         return web.Response(
             status=204,
-            headers={"X-User-Id": str(record["user_id"]), "X-Key-Id": str(record["key_id"]),
-                     "X-Role": str(record["role"])},
+            headers={
+                "X-User-Id": str(record["user_id"]),
+                "X-Key-Id": str(record["key_id"]),
+                "X-Role": str(record["role"]),
+            },
         )
 
     async def count(self, _request: web.Request) -> web.Response:
-        return web.json_response({
-            "calls": self.validate_calls + self.auth_calls,
-            "validate": self.validate_calls,
-            "auth": self.auth_calls,
-            "distinct": len(self.distinct),
-        })
+        return web.json_response(
+            {
+                "calls": self.validate_calls + self.auth_calls,
+                "validate": self.validate_calls,
+                "auth": self.auth_calls,
+                "distinct": len(self.distinct),
+            }
+        )
 
     async def root(self, _request: web.Request) -> web.Response:
         return web.json_response({"service": "bench-tower"})

@@ -7,25 +7,24 @@ responses in exactly one place, `Gateway.handle`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote_plus
 
 import redis.asyncio
 from aiohttp import hdrs, web
-from multidict import CIMultiDict
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from gateway.accesslog import AccessLog, RequestRecord
-from gateway.capabilities import CapabilityMapper
+from gateway.capabilities import CapabilityMapper, Grants
 from gateway.config import Config
 from gateway.credentials import CredentialExtractor
 from gateway.errors import (
@@ -36,7 +35,7 @@ from gateway.errors import (
     MissingKey,
     RateLimited,
 )
-from gateway.identity import CacheStats, Fingerprinter, IdentityResolver, derive_secret
+from gateway.identity import CacheStats, Fingerprinter, IdentityResolver, Resolved, derive_secret
 from gateway.metrics import Metrics
 from gateway.proxy import Forwarder, HeaderPolicy, connection_tokens
 from gateway.ratelimit import (
@@ -46,18 +45,41 @@ from gateway.ratelimit import (
     effective_limit,
 )
 from gateway.routes import Route, RouteTable, normalise_path
+from gateway.shared import LOCK_MARGIN, Replicas, redis_client
 from gateway.tokens import SigningKey, TokenMinter, load_signing_key
 from gateway.tower import Tower
+from gateway.websocket import SocketRegistry
 
 log = logging.getLogger("tower_gateway")
 
 REQUEST_ID: Final = "X-Request-Id"
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _REQUEST_ID_OK: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # Query parameter names that carry a key, compared after decoding and without
 # separators, so `api%5Fkey`, `API-KEY` and `api.key` are all caught.
 QUERY_KEY_PARAMS: Final = frozenset({"apikey"})
 _NAME_NOISE: Final = re.compile(r"[^a-z0-9]")
 
+
+class _RedactMalformed(logging.Filter):
+    """aiohttp logs a request it cannot parse with the offending bytes, which may hold a
+    key (`X-API-Key: <key>\x01`): keep the fact and the peer, drop the bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg, record.args = (
+                "malformed HTTP request from %s (%s)",
+                (peer, type(exc).__name__),
+            )
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+# The HTTP server's own log (parse errors, broken connections) for the proxy listener.
+http_log: Final = logging.getLogger("tower_gateway.http")
+http_log.addFilter(_RedactMalformed())
 
 
 def make_tower(config: Config, *, on_circuit_change: Callable[[str], None] | None = None) -> Tower:
@@ -98,6 +120,7 @@ class Components:
     mapper: CapabilityMapper
     headers: HeaderPolicy
     www_authenticate: str
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
 def build_components(config: Config) -> Components:
@@ -112,7 +135,19 @@ def build_components(config: Config) -> Components:
         mapper=CapabilityMapper(config),
         headers=HeaderPolicy(blocked),
         www_authenticate='Bearer realm="tower-gateway", ApiKey header="X-API-Key"',
+        trusted_proxies=tuple(
+            ipaddress.ip_network(cidr, strict=False) for cidr in config.server.trusted_proxies
+        ),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """A key that passed the policy: who it is, what it may do, and its JWT."""
+
+    resolved: Resolved
+    grants: Grants
+    token: str
 
 
 class Gateway:
@@ -134,28 +169,39 @@ class Gateway:
         self.signing_key: SigningKey = load_signing_key(config.jwt)
         self.fingerprinter = Fingerprinter(self._fingerprint_secret())
         self.tower: Tower = (
-            tower if tower is not None
+            tower
+            if tower is not None
             else make_tower(config, on_circuit_change=self.metrics.circuit_state)
         )
         self.resolver = IdentityResolver(
-            self.tower, config.cache, self.fingerprinter, clock=clock,
+            self.tower,
+            config.cache,
+            self.fingerprinter,
+            clock=clock,
             on_tower_call=self.metrics.tower_call,
         )
         self.minter = TokenMinter(config.jwt, self.signing_key, clock=clock)
         self.forwarder = Forwarder(max_body_size=config.server.max_body_size)
         self.limiter: RateLimiter | None = None
         self._redis: redis.asyncio.Redis | None = None
+        self.replicas: Replicas | None = None
+        if config.redis.url:
+            self.redis_ok = self._redis_ok  # ops readiness looks for it
         self.components = build_components(config)
         self.access_log = access_log if access_log is not None else AccessLog.from_config(config)
         self.metrics.watch(self._stats)
+        self.sockets = SocketRegistry(self.metrics, drain_timeout=config.server.shutdown_timeout)
 
     def _fingerprint_secret(self) -> bytes:
         if self.config.cache.fingerprint_secret:
             return self.config.cache.fingerprint_secret.encode()
         key = self.signing_key.key
-        material = key if isinstance(key, bytes) else json.dumps(
-            self.signing_key.public_jwk, sort_keys=True
-        ).encode() + self.signing_key.kid.encode()
+        material = (
+            key
+            if isinstance(key, bytes)
+            else json.dumps(self.signing_key.public_jwk, sort_keys=True).encode()
+            + self.signing_key.kid.encode()
+        )
         # Derived, so every replica with the same signing key agrees on cache
         # keys and fingerprints without one more secret to distribute.
         return derive_secret(material, "fingerprint")
@@ -170,18 +216,28 @@ class Gateway:
         start = getattr(self.tower, "start", None)
         if start is not None:
             await start()
+        if self.config.redis.url:
+            tower = self.config.tower
+            self._redis = redis_client(self.config.redis.url)
+            self.replicas = Replicas(
+                self._redis,
+                prefix=self.config.redis.key_prefix,
+                config=self.config.cache,
+                secret=derive_secret(self._fingerprint_secret(), "shared-cache"),
+                # One tower call (all its retries) plus a margin.
+                lock_ttl=(tower.budget or tower.timeout) + LOCK_MARGIN,
+                forget=self.forget_locally,
+                drop_cache=self._drop_cache,
+                on_error=lambda op: self.metrics.redis_errors.labels(op).inc(),
+                clock=self.clock,
+            )
+            self.resolver.shared = self.replicas.cache
+            self.replicas.start()
         self.limiter = await self._build_limiter()
 
     async def _build_limiter(self) -> RateLimiter:
         settings = self.config.rate_limit
-        if settings.backend == "redis" and self.config.redis.url:
-            self._redis = redis.asyncio.Redis.from_url(
-                self.config.redis.url,
-                socket_timeout=1,
-                socket_connect_timeout=1,
-                # A pooled connection that died with a Redis restart reconnects at once.
-                retry=Retry(NoBackoff(), 1),
-            )
+        if settings.backend == "redis" and self._redis is not None:
             return RedisRateLimiter(
                 self._redis,
                 prefix=self.config.redis.key_prefix,
@@ -195,6 +251,8 @@ class Gateway:
         await self.forwarder.close()
         if self.limiter is not None:
             await self.limiter.close()
+        if self.replicas is not None:
+            await self.replicas.close()
         if self._redis is not None:
             await self._redis.aclose()
         await self.tower.close()
@@ -206,10 +264,16 @@ class Gateway:
         await self.close()
 
     def proxy_app(self) -> web.Application:
-        app = web.Application(handler_args={"max_field_size": self.config.server.max_field_size,
-                                            "max_line_size": self.config.server.max_line_size})
+        app = web.Application(
+            handler_args={
+                "max_field_size": self.config.server.max_field_size,
+                "max_line_size": self.config.server.max_line_size,
+                "logger": http_log,
+            }
+        )
         app[GATEWAY] = self
         app.cleanup_ctx.append(self._lifespan)
+        app.on_shutdown.append(self.sockets.on_shutdown)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 
@@ -221,13 +285,49 @@ class Gateway:
     # ------------------------------------------------------------------ admin actions
 
     def invalidate_key_id(self, key_id: str) -> int:
-        digests = self.resolver.invalidate_key_id(key_id)
+        """Drop one key here at once, and on every replica through Redis in the background."""
+        dropped = self.forget_locally([key_id])
+        if self.replicas is not None:
+            self.replicas.revoke_soon([key_id])
+        return dropped
+
+    def invalidate_all(self) -> None:
+        self.forget_locally(None)
+        if self.replicas is not None:
+            self.replicas.revoke_soon(None)
+
+    async def revoke_key_ids(self, key_ids: Sequence[str]) -> int:
+        """Like `invalidate_key_id`, returning once Redis and the other replicas were told."""
+        dropped = self.forget_locally(key_ids)
+        if self.replicas is not None:
+            await self.replicas.revoke(key_ids)
+        return dropped
+
+    async def revoke_all(self) -> None:
+        self.forget_locally(None)
+        if self.replicas is not None:
+            await self.replicas.revoke(None)
+
+    def forget_locally(self, key_ids: Sequence[str] | None) -> int:
+        """This process only (None: everything): identities, tokens, open WebSockets. What a
+        revocation from another replica applies here."""
+        if key_ids is None:
+            self._drop_cache()
+            self.sockets.invalidate_all()
+            return 0
+        digests: set[bytes] = set()
+        for key_id in key_ids:
+            digests |= self.resolver.invalidate_key_id(key_id)
+            self.sockets.invalidate_key_id(key_id)
         self.minter.forget(digests)
         return len(digests)
 
-    def invalidate_all(self) -> None:
+    def _drop_cache(self) -> None:
         self.resolver.clear()
         self.minter.forget()
+
+    async def _redis_ok(self) -> bool:
+        return self.replicas is not None and await self.replicas.ping()
 
     # ------------------------------------------------------------------ the pipeline
 
@@ -262,8 +362,9 @@ class Gateway:
         raw_path, _, query = request.raw_path.partition("?")
         path = normalise_path(raw_path)
         if query and _has_query_key(query):
-            raise BadRequest("API keys are not accepted in the URL; send X-API-Key",
-                             reason="key_in_query")
+            raise BadRequest(
+                "API keys are not accepted in the URL; send X-API-Key", reason="key_in_query"
+            )
         route = parts.routes.match(path, request.method)
         record.route = route.name
         self.forwarder.check_length(request)
@@ -285,7 +386,7 @@ class Gateway:
         else:
             record.decision, record.reason = "public", "public_route"
 
-        headers["X-Forwarded-For"] = request.remote or ""
+        headers["X-Forwarded-For"] = _forwarded_for(request, parts.trusted_proxies)
         headers["X-Forwarded-Proto"] = request.scheme
         if request.host:
             headers["X-Forwarded-Host"] = request.host
@@ -311,10 +412,24 @@ class Gateway:
     ) -> str:
         """Key -> identity -> grants -> policy -> rate limit -> JWT; raises a denial."""
         parts = self.components
-        challenge: dict[str, str] = {hdrs.WWW_AUTHENTICATE: parts.www_authenticate}
         key = parts.extractor.extract(request.headers)
         if key is None:
-            raise MissingKey(f"No API key: send {parts.extractor.describe()}", headers=challenge)
+            raise MissingKey(
+                f"No API key: send {parts.extractor.describe()}",
+                headers={hdrs.WWW_AUTHENTICATE: parts.www_authenticate},
+            )
+        return (await self.authorize(key, route, record, response_headers)).token
+
+    async def authorize(
+        self,
+        key: str,
+        route: Route,
+        record: RequestRecord,
+        response_headers: dict[str, str],
+    ) -> Authorization:
+        """Identity -> grants -> policy -> rate limit -> JWT for one key (HTTP and WebSocket)."""
+        parts = self.components
+        challenge: dict[str, str] = {hdrs.WWW_AUTHENTICATE: parts.www_authenticate}
         try:
             resolved = await self.resolver.resolve(key)
         except InvalidKey as exc:
@@ -338,10 +453,24 @@ class Gateway:
                     self.metrics.rate_limited.inc()
                     raise RateLimited("Rate limit exceeded", headers=decision.headers())
         record.decision, record.reason = "allow", resolved.source
-        return self.minter.token_for(resolved.digest, identity, grants)
+        token = self.minter.token_for(resolved.digest, identity, grants)
+        return Authorization(resolved, grants, token)
 
 
 GATEWAY: Final[web.AppKey[Gateway]] = web.AppKey("gateway", Gateway)
+
+
+def _forwarded_for(request: web.Request, trusted: tuple[IPNetwork, ...]) -> str:
+    """The peer's address, after the chain it reported when it is a trusted proxy."""
+    remote = request.remote or ""
+    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
+    if not prior or not trusted:
+        return remote
+    try:
+        peer = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote
+    return f"{prior}, {remote}" if any(peer in net for net in trusted) else remote
 
 
 def _is_upgrade(request: web.Request) -> bool:

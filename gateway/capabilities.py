@@ -80,8 +80,9 @@ class CapabilityMapper:
         if role is None:
             if tower_role not in self._unknown_seen and len(self._unknown_seen) < MAX_MEMO:
                 self._unknown_seen.add(tower_role)
-                log.warning("tower role %r is not mapped: no role, no role capabilities",
-                            tower_role)
+                log.warning(
+                    "tower role %r is not mapped: no role, no role capabilities", tower_role
+                )
         else:
             globs.update(self._role_caps.get(role, ()))
         for scope in scopes:

@@ -88,9 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    logging.getLogger("tower_gateway").info(
-        "stopped after %.1fs", time.monotonic() - started
-    )
+    logging.getLogger("tower_gateway").info("stopped after %.1fs", time.monotonic() - started)
     return 0
 
 
@@ -112,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=default_config_path())
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, default=1,
-                       help="processes sharing the port (SO_REUSEPORT)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check-config", help="validate a config file")
@@ -121,10 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     demo = sub.add_parser("demo", help="run a local tower, a demo upstream and the gateway")
-    demo.add_argument("--config", default=None,
-                      help="config to use (default: ./gateway.yaml, else the built-in default)")
-    demo.add_argument("--self-test", action="store_true",
-                      help="start everything, run the printed requests, report and exit")
+    demo.add_argument(
+        "--config",
+        default=None,
+        help="config to use (default: ./gateway.yaml, else the built-in default)",
+    )
+    demo.add_argument(
+        "--self-test",
+        action="store_true",
+        help="start everything, run the printed requests, report and exit",
+    )
     demo.set_defaults(func=cmd_demo)
 
     from gateway.keys_cli import register

@@ -254,6 +254,8 @@ class WebSocketConfig:
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     token: str | None = None
+    # HMAC-SHA256 key of the tower's revocation webhook (POST /admin/revocations); unset = off.
+    webhook_secret: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,6 +496,12 @@ def _finish(cfg: Config, env: Mapping[str, str], base: Path) -> Config:
     )
     if admin.token is not None and len(admin.token) < 16:
         raise ConfigError("admin.token", "must be at least 16 characters")
+    admin = _replace(
+        admin,
+        webhook_secret=_env_default(admin.webhook_secret, "GATEWAY_WEBHOOK_SECRET", env) or None,
+    )
+    if admin.webhook_secret is not None and len(admin.webhook_secret) < 16:
+        raise ConfigError("admin.webhook_secret", "must be at least 16 characters")
 
     names = set()
     routes = []
@@ -516,9 +524,7 @@ def _finish(cfg: Config, env: Mapping[str, str], base: Path) -> Config:
     if cfg.rate_limit.backend == "redis" and not cfg.redis.url:
         raise ConfigError("rate_limit.backend", "redis needs redis.url")
 
-    return _replace(
-        cfg, tower=tower, jwt=jwt, admin=admin, routes=tuple(routes)
-    )
+    return _replace(cfg, tower=tower, jwt=jwt, admin=admin, routes=tuple(routes))
 
 
 def _route_name(path: str) -> str:

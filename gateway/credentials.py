@@ -62,7 +62,9 @@ class CredentialExtractor:
             if key is None:
                 continue
             if found is not None and key != found:
-                raise BadRequest("the request carries two different keys", reason="conflicting_keys")
+                raise BadRequest(
+                    "the request carries two different keys", reason="conflicting_keys"
+                )
             found = key
         return found
 

@@ -77,9 +77,13 @@ def _banner(config: Config, key: str, admin_token: str | None) -> str:
         f"  demo key  user {DEMO_USER}, role {DEMO_ROLE}, scopes {', '.join(DEMO_SCOPES)}",
         "",
         "Try:",
-        f"  curl -s -H 'X-API-Key: {key}' {base}/hello        # 200: the upstream's echo, JWT decoded",
-        f"  curl -s {base}/hello                              # 401: no key",
-        f"  curl -s -H 'X-API-Key: {key}' {base}/admin/users  # 403: operator lacks admin:write",
+        "  # 200: the upstream's echo, with the JWT it received decoded",
+        f"  curl -s -H 'X-API-Key: {key}' {base}/hello",
+        "  # 401: no key",
+        f"  curl -s {base}/hello",
+        "  # 403: an operator lacks admin:write",
+        f"  curl -s -H 'X-API-Key: {key}' {base}/admin/users",
+        "  # the cache hit ratio and friends",
         f"  curl -s {ops}/metrics | grep tower_gateway_cache",
     ]
     if admin_token:
@@ -103,12 +107,16 @@ async def _self_test(config: Config, key: str) -> bool:
                 body = await response.text()
             passed = response.status == expected
             ok = ok and passed
-            print(f"  {'ok ' if passed else 'BAD'} GET {path} -> {response.status} "
-                  f"(expected {expected})")
+            print(
+                f"  {'ok ' if passed else 'BAD'} GET {path} -> {response.status} "
+                f"(expected {expected})"
+            )
             if path == "/hello" and response.status == 200:
                 seen = json.loads(body).get("jwt", {})
-                print(f"      upstream verified the JWT: {json.dumps(seen.get('verified'))}, "
-                      f"claims: {json.dumps(seen.get('claims'))}")
+                print(
+                    f"      upstream verified the JWT: {json.dumps(seen.get('verified'))}, "
+                    f"claims: {json.dumps(seen.get('claims'))}"
+                )
     return ok
 
 
@@ -130,8 +138,9 @@ async def _run(config: Config, key: str, self_test: bool) -> int:
 
     runners = [
         web.AppRunner(create_demo_upstream(jwt_verify=verify), access_log=None),
-        web.AppRunner(gateway.proxy_app(), access_log=None,
-                      shutdown_timeout=config.server.shutdown_timeout),
+        web.AppRunner(
+            gateway.proxy_app(), access_log=None, shutdown_timeout=config.server.shutdown_timeout
+        ),
         web.AppRunner(gateway.ops_app(), access_log=None),
     ]
     addresses = [
@@ -165,8 +174,10 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if config.tower.local is None:
-        print("error: tower.local: the demo needs the embedded tower (tower.local.db)",
-              file=sys.stderr)
+        print(
+            "error: tower.local: the demo needs the embedded tower (tower.local.db)",
+            file=sys.stderr,
+        )
         return 2
     key = create_demo_key(config)
     from gateway.serve import run
@@ -181,7 +192,9 @@ def run_demo(args: argparse.Namespace) -> int:
         run(main())
         result = exit_code[0] if exit_code else 1
     except OSError as exc:
-        print(f"error: cannot listen: {exc.strerror or exc} (is another demo running?)",
-              file=sys.stderr)
+        print(
+            f"error: cannot listen: {exc.strerror or exc} (is another demo running?)",
+            file=sys.stderr,
+        )
         return 1
     return result

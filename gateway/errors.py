@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 
-
 class GatewayError(Exception):
     """A request the gateway refuses; knows its HTTP status and fixed reason id."""
 
@@ -99,8 +98,16 @@ class TowerFault(Exception):
     """The tower gave no trustworthy answer. `kind` is a bounded metric label."""
 
     KINDS: ClassVar[frozenset[str]] = frozenset(
-        {"timeout", "refused", "server_error", "tower_auth", "malformed", "redirect",
-         "circuit_open", "error"}
+        {
+            "timeout",
+            "refused",
+            "server_error",
+            "tower_auth",
+            "malformed",
+            "redirect",
+            "circuit_open",
+            "error",
+        }
     )
 
     def __init__(self, kind: str, detail: str) -> None:
@@ -117,5 +124,3 @@ class ConfigError(Exception):
         super().__init__(f"{path}: {message}" if path else message)
         self.path = path
         self.message = message
-
-

@@ -16,9 +16,9 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cachetools import TLRUCache, TTLCache
 
@@ -66,6 +66,7 @@ class CacheStats:
     evictions: int = 0
     waiters: int = 0
     tower_calls: int = 0
+    shared_hits: int = 0
 
     @property
     def hit_ratio(self) -> float:
@@ -85,6 +86,37 @@ class Resolved:
     identity: Identity
     digest: bytes
     source: str  # "hit" | "tower" | "stale"
+
+
+@dataclass(frozen=True, slots=True)
+class SharedEntry:
+    """An answer read from the level replicas share: an identity with its bounds, or a refusal
+    (whose bounds are its expiry). `fault` is set when the entry is stale and the tower has just
+    failed, so the caller may serve it under stale-if-error."""
+
+    answer: Identity | Rejection
+    fresh_until: float
+    stale_until: float
+    fault: TowerFault | None = None
+
+
+Fetch = Callable[[], Awaitable[Identity | Rejection]]
+
+
+class SharedLevel(Protocol):
+    """A cache level shared by replicas, between this process's cache and the tower
+    (`gateway.shared`). It never fails for its own faults: without it, `fetch` answers."""
+
+    async def load(self, digest: bytes, fetch: Fetch) -> SharedEntry | Identity | Rejection:
+        """A shared entry, or the answer of `fetch` (called at most once, then shared)."""
+        ...
+
+
+def entry_bounds(identity: Identity, now: float, config: CacheConfig) -> tuple[float, float]:
+    """(fresh_until, stale_until) of a positive entry stored at `now`; never past expires_at."""
+    limit = identity.expires_at if identity.expires_at is not None else float("inf")
+    fresh_until = min(now + config.ttl, limit)
+    return fresh_until, min(fresh_until + config.stale_if_error, limit)
 
 
 class _PositiveCache(TLRUCache[bytes, _Entry]):
@@ -114,6 +146,7 @@ class IdentityResolver:
         *,
         clock: Callable[[], float] = time.time,
         on_tower_call: TowerObserver | None = None,
+        shared: SharedLevel | None = None,
     ) -> None:
         self.tower = tower
         self.fingerprinter = fingerprinter
@@ -129,7 +162,12 @@ class IdentityResolver:
         )
         self._by_key_id: dict[str, set[bytes]] = {}
         self._inflight: dict[bytes, asyncio.Future[Identity | Rejection]] = {}
+        # Bumped by every admin drop: an answer fetched before the drop may predate
+        # a revocation, so it is handed to its waiters but never cached.
+        self._generation = 0
         self.last_tower_ok: float | None = None
+        # Set once before serving (the Redis client exists only after Gateway.start()).
+        self.shared = shared
 
     # ------------------------------------------------------------------ hot path
 
@@ -158,7 +196,7 @@ class IdentityResolver:
     async def _from_tower(self, api_key: str, digest: bytes) -> Resolved:
         future = self._inflight.get(digest)
         if future is None:
-            future = asyncio.ensure_future(self._fetch(api_key, digest))
+            future = asyncio.ensure_future(self._load(api_key, digest))
             self._inflight[digest] = future
             future.add_done_callback(lambda f: self._settled(digest, f))
         else:
@@ -179,14 +217,43 @@ class IdentityResolver:
         if not future.cancelled():
             future.exception()  # retrieved: no "never retrieved" noise if all callers left
 
-    async def _fetch(self, api_key: str, digest: bytes) -> Identity | Rejection:
+    async def _load(self, api_key: str, digest: bytes) -> Identity | Rejection:
+        """A local miss: what another replica shared, else one tower call for all replicas."""
+        if self.shared is None:
+            return await self._fetch(api_key, digest)
+        generation = self._generation
+        found = await self.shared.load(digest, lambda: self._fetch(api_key, digest, generation))
+        if not isinstance(found, SharedEntry):
+            return found  # from `_fetch`, which stored it here already
+        answer = found.answer
+        if generation != self._generation:
+            pass  # an admin drop happened meanwhile: hand it to the waiters, cache nothing
+        elif isinstance(answer, Rejection):
+            self._drop(digest)
+            if self._negative is not None:
+                self._negative[digest] = answer.reason
+        else:
+            # The shared bounds, not fresh ones: a copy must not outlive the original.
+            self._store(digest, answer, self._clock(), (found.fresh_until, found.stale_until))
+        if found.fault is not None:
+            raise found.fault  # the tower failed: the caller serves this entry as stale
+        self.stats.shared_hits += 1
+        return answer
+
+    async def _fetch(
+        self, api_key: str, digest: bytes, generation: int | None = None
+    ) -> Identity | Rejection:
+        generation = self._generation if generation is None else generation
         started = time.perf_counter()
         self.stats.tower_calls += 1
         try:
             answer = await self.tower.validate(api_key)
         except TowerFault as fault:
             self._observe(fault.kind, started)
-            log.warning("tower fault (%s): %s", fault.kind, fault.detail)
+            # An open breaker fails every uncached lookup on purpose; the
+            # metrics count those, one warning per request would drown the log.
+            level = logging.DEBUG if fault.kind == "circuit_open" else logging.WARNING
+            log.log(level, "tower fault (%s): %s", fault.kind, fault.detail)
             raise
         except Exception as exc:
             # A bug or an unexpected library error is still never a valid key.
@@ -195,7 +262,13 @@ class IdentityResolver:
             raise TowerFault("error", type(exc).__name__) from None
         now = self._clock()
         self.last_tower_ok = now
-        if isinstance(answer, Rejection):
+        if isinstance(answer, Identity) and answer.expired(now):
+            # The tower judged expiry at its own time; by this gateway's clock
+            # (skew, or a slow answer) the key has already expired.
+            answer = Rejection("expired_key")
+        if generation != self._generation:
+            self._observe(answer.reason if isinstance(answer, Rejection) else "valid", started)
+        elif isinstance(answer, Rejection):
             self._drop(digest)
             if self._negative is not None:
                 self._negative[digest] = answer.reason
@@ -221,10 +294,14 @@ class IdentityResolver:
 
     # ------------------------------------------------------------------ storage
 
-    def _store(self, digest: bytes, identity: Identity, now: float) -> None:
-        limit = identity.expires_at if identity.expires_at is not None else float("inf")
-        fresh_until = min(now + self._config.ttl, limit)
-        stale_until = min(fresh_until + self._config.stale_if_error, limit)
+    def _store(
+        self,
+        digest: bytes,
+        identity: Identity,
+        now: float,
+        bounds: tuple[float, float] | None = None,
+    ) -> None:
+        fresh_until, stale_until = bounds or entry_bounds(identity, now, self._config)
         if stale_until <= now:
             return
         if self._negative is not None:
@@ -254,12 +331,20 @@ class IdentityResolver:
 
     def invalidate_key_id(self, key_id: str) -> set[bytes]:
         """Drop every entry of one key_id; returns the digests dropped."""
+        self._forget_inflight()
         digests = self._by_key_id.pop(key_id, set())
         for digest in digests:
             self._positive.pop(digest, None)
         return digests
 
+    def _forget_inflight(self) -> None:
+        # Requests after a drop ask the tower afresh instead of joining a call
+        # that began before it.
+        self._generation += 1
+        self._inflight.clear()
+
     def clear(self) -> None:
+        self._forget_inflight()
         self._positive.clear()
         if self._negative is not None:
             self._negative.clear()
@@ -297,5 +382,6 @@ class IdentityResolver:
             "evictions": s.evictions,
             "single_flight_waiters": s.waiters,
             "tower_calls": s.tower_calls,
+            "shared_hits": s.shared_hits,
             "max_entries": self._config.max_entries,
         }

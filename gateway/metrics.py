@@ -30,7 +30,21 @@ PREFIX: Final = "tower_gateway_"
 # Gauge values of `tower_circuit_state`, ordered by severity so max() over replicas is useful.
 CIRCUIT_STATES: Final = {"closed": 0, "half_open": 1, "open": 2}
 LATENCY_BUCKETS: Final = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 
 
@@ -46,27 +60,35 @@ class _StatsCollector(Collector):
             ("cache_hits", "Identity lookups answered from the cache", stats.hits),
             ("cache_misses", "Identity lookups that needed the tower", stats.misses),
             ("cache_negative_hits", "Lookups answered by a cached refusal", stats.negative_hits),
-            ("cache_stale_serves", "Expired identities served while the tower failed",
-             stats.stale_serves),
+            (
+                "cache_stale_serves",
+                "Expired identities served while the tower failed",
+                stats.stale_serves,
+            ),
             ("cache_evictions", "Identities pushed out by the size bound", stats.evictions),
-            ("single_flight_waiters", "Lookups that waited on another's tower call",
-             stats.waiters),
+            ("single_flight_waiters", "Lookups that waited on another's tower call", stats.waiters),
+            (
+                "cache_shared_hits",
+                "Identities copied from the cache replicas share in Redis",
+                stats.shared_hits,
+            ),
         )
         for name, doc, value in counters:
             family = CounterMetricFamily(PREFIX + name, doc)
             family.add_metric([], value)
             yield family
-        jwt = CounterMetricFamily(PREFIX + "jwt_tokens", "Internal JWTs by origin",
-                                  labels=["origin"])
+        jwt = CounterMetricFamily(
+            PREFIX + "jwt_tokens", "Internal JWTs by origin", labels=["origin"]
+        )
         jwt.add_metric(["minted"], minted)
         jwt.add_metric(["reused"], reused)
         yield jwt
-        ratio = GaugeMetricFamily(PREFIX + "cache_hit_ratio",
-                                  "hits / (hits + misses) since start")
+        ratio = GaugeMetricFamily(PREFIX + "cache_hit_ratio", "hits / (hits + misses) since start")
         ratio.add_metric([], stats.hit_ratio)
         yield ratio
-        entries = GaugeMetricFamily(PREFIX + "cache_entries", "Cached identities by kind",
-                                    labels=["kind"])
+        entries = GaugeMetricFamily(
+            PREFIX + "cache_entries", "Cached identities by kind", labels=["kind"]
+        )
         entries.add_metric(["positive"], positive)
         entries.add_metric(["negative"], negative)
         yield entries
@@ -80,25 +102,36 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
         self.tower_requests = Counter(
-            PREFIX + "tower_requests", "Calls to the tower by outcome", ["outcome"],
+            PREFIX + "tower_requests",
+            "Calls to the tower by outcome",
+            ["outcome"],
             registry=registry,
         )
         self.tower_seconds = Histogram(
-            PREFIX + "tower_request_seconds", "Tower call latency by outcome", ["outcome"],
-            buckets=LATENCY_BUCKETS, registry=registry,
+            PREFIX + "tower_request_seconds",
+            "Tower call latency by outcome",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.auth = Counter(
-            PREFIX + "auth", "Authentication decisions by outcome (reason id)", ["outcome"],
+            PREFIX + "auth",
+            "Authentication decisions by outcome (reason id)",
+            ["outcome"],
             registry=registry,
         )
         self.requests = Counter(
-            PREFIX + "requests", "Requests by route and status", ["route", "status"],
+            PREFIX + "requests",
+            "Requests by route and status",
+            ["route", "status"],
             registry=registry,
         )
         self.upstream_seconds = Histogram(
             PREFIX + "upstream_response_seconds",
-            "Time from forwarding to the upstream's response head, by route", ["route"],
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "Time from forwarding to the upstream's response head, by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.rate_limited = Counter(
             PREFIX + "rate_limited", "Requests refused by a rate limit", registry=registry
@@ -108,8 +141,15 @@ class Metrics:
             "Rate-limit decisions made locally because Redis was unavailable",
             registry=registry,
         )
+        self.redis_errors = Counter(
+            PREFIX + "redis_errors",
+            "Redis errors and timeouts by operation; each was answered as if without Redis",
+            ["op"],
+            registry=registry,
+        )
         self.websocket_connections = Gauge(
-            PREFIX + "websocket_connections", "Open relayed WebSocket connections",
+            PREFIX + "websocket_connections",
+            "Open relayed WebSocket connections",
             registry=registry,
         )
         self.in_flight = Gauge(
@@ -117,11 +157,14 @@ class Metrics:
         )
         self.tower_circuit_state = Gauge(
             PREFIX + "tower_circuit_state",
-            "Tower circuit breaker: 0 closed, 1 half-open, 2 open", registry=registry,
+            "Tower circuit breaker: 0 closed, 1 half-open, 2 open",
+            registry=registry,
         )
         self.would_deny = Counter(
-            PREFIX + "would_deny", "Denials not enforced (shadow mode), by route and reason",
-            ["route", "outcome"], registry=registry,
+            PREFIX + "would_deny",
+            "Denials not enforced (shadow mode), by route and reason",
+            ["route", "outcome"],
+            registry=registry,
         )
         self.build = Info(PREFIX + "build", "Build information", registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})

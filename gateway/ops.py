@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Final
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.shared import revocation_webhook
+
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
@@ -68,8 +70,10 @@ class Readiness:
         ready = tower_ok or positive > 0
         redis_ping = getattr(gateway, "redis_ok", None)
         if redis_ping is not None:
+            # Reported, not required: without Redis every replica still serves
+            # (local cache, local rate limits), so an outage of Redis must not
+            # pull all of them out of the load balancer at once.
             checks["redis"] = await redis_ping()
-            ready = ready and checks["redis"]
         return ready, checks
 
 
@@ -119,12 +123,12 @@ def create_ops_app(gateway: Gateway) -> web.Application:
         return _json(gateway.resolver.snapshot())
 
     async def cache_clear(_request: web.Request) -> web.Response:
-        gateway.invalidate_all()
+        await gateway.revoke_all()
         return _json({"cleared": True})
 
     async def cache_drop(request: web.Request) -> web.Response:
         key_id = request.match_info["key_id"]
-        dropped = gateway.invalidate_key_id(key_id)
+        dropped = await gateway.revoke_key_ids([key_id])
         return _json({"key_id": key_id, "dropped_entries": dropped})
 
     app.router.add_get("/metrics", metrics)
@@ -134,4 +138,6 @@ def create_ops_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/admin/cache", admin(cache_stats))
     app.router.add_delete("/admin/cache", admin(cache_clear))
     app.router.add_delete("/admin/cache/{key_id}", admin(cache_drop))
+    webhook = revocation_webhook(gateway.config.admin.webhook_secret, gateway.revoke_key_ids)
+    app.router.add_post("/admin/revocations", admin(webhook))
     return app

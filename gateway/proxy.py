@@ -14,6 +14,7 @@ from typing import Final
 
 from aiohttp import (
     ClientConnectionError,
+    ClientError,
     ClientPayloadError,
     ClientResponse,
     ClientSession,
@@ -33,25 +34,54 @@ log = logging.getLogger("tower_gateway.proxy")
 
 HOP_BY_HOP: Final = frozenset(
     {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection", "expect",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+        "expect",
         "host",
     }
 )
 # Set by the gateway, so never taken from the client (nor any `_`/`.` spelling).
 GATEWAY_SET: Final = frozenset(
     {
-        "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
-        "x-forwarded-prefix", "forwarded", "x-real-ip", "x-request-id",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "forwarded",
+        "x-real-ip",
+        "x-request-id",
     }
 )
 # Identity headers other proxies and frameworks trust; a client must not forge them.
 IDENTITY_HEADERS: Final = frozenset(
     {
-        "x-api-key", "x-forwarded-user", "x-forwarded-email", "x-forwarded-groups",
-        "x-forwarded-preferred-username", "x-forwarded-access-token", "x-remote-user",
-        "remote-user", "x-user", "x-user-id", "x-user-role", "x-user-roles", "x-role",
-        "x-key-id", "x-scopes", "x-team", "x-jwt-assertion", "x-internal-jwt",
+        "x-api-key",
+        "x-forwarded-user",
+        "x-forwarded-email",
+        "x-forwarded-groups",
+        "x-forwarded-preferred-username",
+        "x-forwarded-access-token",
+        "x-remote-user",
+        "remote-user",
+        "x-user",
+        "x-user-id",
+        "x-user-role",
+        "x-user-roles",
+        "x-role",
+        "x-key-id",
+        "x-scopes",
+        "x-team",
+        "x-jwt-assertion",
+        "x-internal-jwt",
     }
 )
 IDENTITY_PREFIXES: Final = ("x-auth-", "x-gateway-", "x-tower-")
@@ -129,8 +159,10 @@ class Forwarder:
 
     def check_length(self, request: web.BaseRequest) -> None:
         limit = self._max_body
-        if limit is not None and request.content_length is not None and (
-            request.content_length > limit
+        if (
+            limit is not None
+            and request.content_length is not None
+            and (request.content_length > limit)
         ):
             raise PayloadTooLarge(f"request body larger than {limit} bytes")
 
@@ -147,31 +179,45 @@ class Forwarder:
             f"{route.upstream_origin}{route.upstream_base}{path}{'?' + query if query else ''}",
             encoded=True,
         )
-        body = self._body(request) if request.body_exists else None
+        state = _BodyState(route.config.timeout)
+        body = self._body(request, state) if request.body_exists else None
         session = self.session(route.upstream_origin)
         try:
-            async with asyncio.timeout(route.config.timeout):
-                upstream = await session.request(
-                    request.method, url, headers=headers, data=body, allow_redirects=False,
-                    compress=False,
-                )
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"upstream did not answer within {route.config.timeout:g}s"
-            ) from None
-        except _TooLarge:
-            raise PayloadTooLarge(f"request body larger than {self._max_body} bytes") from None
-        except (ClientConnectionError, OSError) as exc:
+            async with asyncio.timeout(route.config.timeout) as state.deadline:
+                try:
+                    upstream = await session.request(
+                        request.method,
+                        url,
+                        headers=headers,
+                        data=body,
+                        allow_redirects=False,
+                        compress=False,
+                    )
+                finally:
+                    state.deadline = None  # the body may outlive this block
+        except (TimeoutError, ClientError, OSError, _TooLarge) as exc:
+            # aiohttp reports a failing body as a connection error: the flag,
+            # not the exception type, says the client sent too much.
+            if state.too_large:
+                raise PayloadTooLarge(f"request body larger than {self._max_body} bytes") from None
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(
+                    f"upstream did not answer within {route.config.timeout:g}s"
+                ) from None
+            # Refused, reset, or an answer that is not HTTP: the upstream failed.
             raise UpstreamUnavailable(f"upstream unavailable ({type(exc).__name__})") from None
         return await self._relay(request, upstream, response_headers)
 
-    async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
+    async def _body(self, request: web.BaseRequest, state: _BodyState) -> AsyncIterator[bytes]:
         limit, seen = self._max_body, 0
         async for chunk in request.content.iter_any():
+            state.progress()
             seen += len(chunk)
             if limit is not None and seen > limit:
+                state.too_large = True
                 raise _TooLarge
             yield chunk
+        state.progress()
 
     async def _relay(
         self,
@@ -210,3 +256,22 @@ class Forwarder:
 
 class _TooLarge(Exception):
     """Raised inside the streamed request body when it passes `max_body_size`."""
+
+
+class _BodyState:
+    """What the streamed request body tells `forward` while it is being sent."""
+
+    __slots__ = ("deadline", "timeout", "too_large")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.too_large = False  # passed `max_body_size`
+        self.deadline: asyncio.Timeout | None = None
+
+    def progress(self) -> None:
+        # The route timeout is the upstream's time to answer: while the client
+        # is still sending, it restarts with every chunk, so a slow upload is
+        # not a slow upstream, yet a stalled one is still cut off.
+        deadline = self.deadline
+        if deadline is not None and not deadline.expired():
+            deadline.reschedule(asyncio.get_running_loop().time() + self.timeout)

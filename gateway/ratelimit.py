@@ -119,7 +119,10 @@ def _gcra(tat: float, now: float, interval: float, burst: int) -> tuple[float | 
     """
     tat = max(tat, now)
     new_tat = tat + interval
-    allow_at = new_tat - interval * burst
+    # Computed from `tat`, not as `new_tat - interval * burst`: for a full bucket
+    # (`tat == now`, burst 1) the latter can round to a hair above `now` and
+    # refuse a fresh key's first request.
+    allow_at = tat - interval * (burst - 1)
     if now < allow_at:
         return None, Decision(False, burst, 0, tat - now, allow_at - now)
     # The small epsilon keeps float rounding from reporting one request fewer than is left.

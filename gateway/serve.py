@@ -56,16 +56,25 @@ async def serve(
             )
         await site.start()
         if ops:
-            await web.TCPSite(ops_runner, config.ops.host, config.ops.port,
-                              reuse_port=reuse_port or None).start()
+            await web.TCPSite(
+                ops_runner, config.ops.host, config.ops.port, reuse_port=reuse_port or None
+            ).start()
         if ops_sock is not None:
             await web.SockSite(ops_runner, ops_sock).start()
-        log.info("listening on %s (ops %s:%s)", site.name, config.ops.host, config.ops.port)
+        ops_at = (
+            f"{config.ops.host}:{config.ops.port}"
+            if ops
+            else "on a private socket"
+            if ops_sock is not None
+            else "off"
+        )
+        log.info("listening on %s (ops %s)", site.name, ops_at)
         if on_ready is not None:
             on_ready(gateway)
         await _wait_for_signal()
-        log.info("stopping: draining in-flight requests (up to %ss)",
-                 config.server.shutdown_timeout)
+        log.info(
+            "stopping: draining in-flight requests (up to %ss)", config.server.shutdown_timeout
+        )
     finally:
         # cleanup() stops accepting first, waits for in-flight handlers up to
         # shutdown_timeout, then closes the gateway's clients (cleanup_ctx).

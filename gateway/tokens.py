@@ -1,8 +1,9 @@
 """Mint the internal JWT the upstream verifies, reuse it while it is fresh, publish JWKS.
 
-A token is cached per (key fingerprint, grants) and reused until less than a
-tenth of its lifetime is left, so a cache-hit request does not sign. `exp` is
-never after the key's own `expires_at`.
+A token is cached per (key fingerprint, grants) and reused, while the identity
+it describes is unchanged, until less than a tenth of its lifetime is left, so
+a cache-hit request does not sign. `exp` is never after the key's own
+`expires_at`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def load_signing_key(config: JwtConfig) -> SigningKey:
         data = Path(config.private_key_file).read_bytes()
         private = serialization.load_pem_private_key(data, password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError("jwt.private_key_file", f"not a readable PEM private key ({exc})") from None
+        raise ConfigError(
+            "jwt.private_key_file", f"not a readable PEM private key ({exc})"
+        ) from None
     expected: dict[str, type] = {
         "RS256": rsa.RSAPrivateKey,
         "ES256": ec.EllipticCurvePrivateKey,
@@ -70,6 +73,14 @@ def load_signing_key(config: JwtConfig) -> SigningKey:
     kid = config.kid or hashlib.sha256(thumb_src.encode()).hexdigest()[:16]
     public_jwk.update({"kid": kid, "alg": config.algorithm, "use": "sig"})
     return SigningKey(config.algorithm, kid, private, public_jwk)  # type: ignore[arg-type]
+
+
+_Claimed = tuple[str, str, tuple[str, ...], float | None, str | None]
+
+
+def _claimed(identity: Identity) -> _Claimed:
+    """The identity fields a token carries (role and caps come with the grants)."""
+    return (identity.user_id, identity.key_id, identity.scopes, identity.expires_at, identity.team)
 
 
 class TokenMinter:
@@ -88,7 +99,9 @@ class TokenMinter:
         self._config = config
         self._key = key
         self._clock = clock
-        self._cache: LRUCache[tuple[bytes, Grants], tuple[str, float]] = LRUCache(max_cached)
+        self._cache: LRUCache[tuple[bytes, Grants], tuple[str, float, _Claimed]] = LRUCache(
+            max_cached
+        )
         self.minted = 0
         self.reused = 0
 
@@ -106,11 +119,14 @@ class TokenMinter:
         # The slot holds the grants itself, so a freed object's id is never reused.
         slot = (cache_key, grants)
         cached = self._cache.get(slot)
-        if cached is not None and now < cached[1]:
+        # Reused only while the identity still says what the token says: a
+        # fresh tower answer (a shortened expiry, a new team) gets a new token.
+        claimed = _claimed(identity)
+        if cached is not None and now < cached[1] and cached[2] == claimed:
             self.reused += 1
             return cached[0]
         token, exp, iat = self._sign(identity, grants, now)
-        self._cache[slot] = (token, exp - (exp - iat) * REFRESH_FRACTION)
+        self._cache[slot] = (token, exp - (exp - iat) * REFRESH_FRACTION, claimed)
         self.minted += 1
         return token
 

@@ -38,10 +38,19 @@ ENV = {
 SECRETS = (TOWER_API_KEY, TOWER_SECRET, JWT_SECRET, ADMIN_TOKEN)
 
 
-def tower_record(key_id: str, user_id: str, role: str, scopes: list[str] | None = None,
-                 expires_at: float | None = None, **metadata: Any) -> dict[str, Any]:
+def tower_record(
+    key_id: str,
+    user_id: str,
+    role: str,
+    scopes: list[str] | None = None,
+    expires_at: float | None = None,
+    **metadata: Any,
+) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "valid": True, "key_id": key_id, "user_id": user_id, "role": role,
+        "valid": True,
+        "key_id": key_id,
+        "user_id": user_id,
+        "role": role,
         "scopes": scopes or [],
     }
     if expires_at is not None:
@@ -149,10 +158,17 @@ class FakeUpstream:
     async def _echo(self, request: web.Request) -> web.Response:
         seen = await self._record(request)
         return web.json_response(
-            {"path": seen.path, "method": seen.method, "sha256": seen.body_sha256,
-             "size": seen.body_size},
-            headers={"X-Upstream": "fake", "Connection": "keep-alive, X-Secret-Hop",
-                     "X-Secret-Hop": "drop-me"},
+            {
+                "path": seen.path,
+                "method": seen.method,
+                "sha256": seen.body_sha256,
+                "size": seen.body_size,
+            },
+            headers={
+                "X-Upstream": "fake",
+                "Connection": "keep-alive, X-Secret-Hop",
+                "X-Secret-Hop": "drop-me",
+            },
         )
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
@@ -229,6 +245,14 @@ class Harness:
 GatewayFactory = Callable[..., Awaitable[Harness]]
 
 
+async def quiet_server(app: web.Application) -> TestServer:
+    """A started test server without aiohttp's access log, as `serve` runs the gateway:
+    the gateway writes its own log, which never holds a query string."""
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(access_log=None)
+    return server
+
+
 @pytest.fixture
 async def make_gateway(
     fake_tower: FakeTower,
@@ -241,12 +265,9 @@ async def make_gateway(
         **overrides: Any,
     ) -> Harness:
         config = gateway_config(fake_tower.url, fake_upstream.url, **overrides)
-        gateway = Gateway(config, registry=CollectorRegistry(), clock=clock,
-                          access_log=access_log)
-        # No aiohttp access log, as in `serve`: the gateway writes its own.
-        quiet = {"access_log": None}
-        client = await aiohttp_client(gateway.proxy_app(), server_kwargs=quiet)
-        ops = await aiohttp_client(gateway.ops_app(), server_kwargs=quiet)
+        gateway = Gateway(config, registry=CollectorRegistry(), clock=clock, access_log=access_log)
+        client = await aiohttp_client(await quiet_server(gateway.proxy_app()))
+        ops = await aiohttp_client(await quiet_server(gateway.ops_app()))
         return Harness(gateway, client, ops, fake_tower, fake_upstream)
 
     return factory
@@ -256,7 +277,13 @@ async def make_gateway(
 async def gw(make_gateway: GatewayFactory) -> Harness:
     """A gateway with default settings and two known keys."""
     harness = await make_gateway()
-    harness.tower.add("good-key-1", key_id="k1", user_id="u1", role="operator",
-                      scopes=["tools:execute"], team="blue")
+    harness.tower.add(
+        "good-key-1",
+        key_id="k1",
+        user_id="u1",
+        role="operator",
+        scopes=["tools:execute"],
+        team="blue",
+    )
     harness.tower.add("admin-key-1", key_id="k2", user_id="u2", role="admin")
     return harness

@@ -47,8 +47,9 @@ def test_scope_keys_are_globs_matched_against_tower_scopes() -> None:
     assert not m.grants(ident("operator", "toolsx")).allows("execute:x")
 
 
-@pytest.mark.parametrize("raw", ["*", "execute:*", "execute:?ead_file", "execute:[r]ead_file",
-                                 "*:*"])
+@pytest.mark.parametrize(
+    "raw", ["*", "execute:*", "execute:?ead_file", "execute:[r]ead_file", "*:*"]
+)
 def test_raw_tower_scopes_are_literals(raw: str) -> None:
     grants = mapper().grants(ident("operator", raw))
     assert not grants.allows("execute:read_file")
@@ -87,8 +88,10 @@ def test_role_without_capabilities() -> None:
 async def test_missing_capability_is_403_with_the_capability(gw: Harness) -> None:
     response = await gw.client.get("/admin/users", headers={"X-API-Key": "good-key-1"})
     assert response.status == 403
-    assert await response.json() == {"error": "missing_capability",
-                                     "detail": "Missing required capability: admin:write"}
+    assert await response.json() == {
+        "error": "missing_capability",
+        "detail": "Missing required capability: admin:write",
+    }
     assert response.headers.get("X-Request-Id")
     assert gw.upstream.seen == []
     response = await gw.client.get("/tools/run", headers={"X-API-Key": "good-key-1"})
@@ -98,8 +101,9 @@ async def test_missing_capability_is_403_with_the_capability(gw: Harness) -> Non
 
 
 async def test_tower_scope_star_does_not_widen_itself(gw: Harness) -> None:
-    gw.tower.add("wild-key", key_id="k9", user_id="u9", role="observer",
-                 scopes=["*", "execute:*", "admin:*"])
+    gw.tower.add(
+        "wild-key", key_id="k9", user_id="u9", role="observer", scopes=["*", "execute:*", "admin:*"]
+    )
     for path, cap in (("/tools/x", "execute:read_file"), ("/admin/x", "admin:write")):
         response = await gw.client.get(path, headers={"X-API-Key": "wild-key"})
         assert response.status == 403, path
@@ -118,8 +122,15 @@ async def test_unknown_tower_role_gets_no_role_capabilities(make_gateway: Gatewa
 
 
 async def test_all_requirements_are_needed(make_gateway: GatewayFactory) -> None:
-    h = await make_gateway(routes=[{"path": "/", "upstream": "http://127.0.0.1:9",
-                                    "require": ["execute:run", "reports:read"]}])
+    h = await make_gateway(
+        routes=[
+            {
+                "path": "/",
+                "upstream": "http://127.0.0.1:9",
+                "require": ["execute:run", "reports:read"],
+            }
+        ]
+    )
     h.tower.add("k", key_id="k1", user_id="u1", role="operator", scopes=["tools:execute"])
     response = await h.client.get("/x", headers={"X-API-Key": "k"})
     assert response.status == 403

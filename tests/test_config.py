@@ -39,18 +39,27 @@ def test_defaults_match_the_contract() -> None:
     assert (cfg.cache.ttl, cfg.cache.negative_ttl) == (300, 30)
     assert (cfg.cache.max_entries, cfg.cache.stale_if_error) == (100_000, 300)
     assert cfg.credentials.sources == ("x-api-key", "authorization")
-    assert dict(cfg.roles) == {n: n for n in ("admin", "operator", "observer", "node",
-                                              "api_client")}
+    assert dict(cfg.roles) == {
+        n: n for n in ("admin", "operator", "observer", "node", "api_client")
+    }
     assert dict(cfg.capabilities.roles) == {"admin": ("*",)}
-    assert dict(cfg.capabilities.scopes) == {"admin:full": ("*",),
-                                             "tools:execute": ("execute:*",)}
+    assert dict(cfg.capabilities.scopes) == {"admin:full": ("*",), "tools:execute": ("execute:*",)}
     assert cfg.capabilities.keep_scopes is True
     (route,) = cfg.routes
     assert (route.path, route.upstream, route.methods, route.require) == (
-        "/", "http://127.0.0.1:9000", None, ())
+        "/",
+        "http://127.0.0.1:9000",
+        None,
+        (),
+    )
     assert (route.auth, route.websocket, route.timeout) == (True, True, 30)
-    assert (cfg.jwt.header, cfg.jwt.algorithm, cfg.jwt.issuer, cfg.jwt.audience,
-            cfg.jwt.ttl) == ("Authorization", "HS256", "tower-gateway", "internal", 300)
+    assert (cfg.jwt.header, cfg.jwt.algorithm, cfg.jwt.issuer, cfg.jwt.audience, cfg.jwt.ttl) == (
+        "Authorization",
+        "HS256",
+        "tower-gateway",
+        "internal",
+        300,
+    )
     assert (cfg.rate_limit.default_per_minute, cfg.rate_limit.backend) == (100, "memory")
     assert cfg.redis.url is None
     assert (cfg.websocket.auth_timeout, cfg.websocket.allowed_origins) == (10, None)
@@ -64,8 +73,14 @@ def test_defaults_match_the_contract() -> None:
 
 
 def test_env_references_are_expanded_anywhere() -> None:
-    env = {**ENV, "TOWER_HOST": "tower.internal", "UP": "http://10.0.0.7:81", "PORT": "8181",
-           "KEEP": "false", "TTL": "12.5"}
+    env = {
+        **ENV,
+        "TOWER_HOST": "tower.internal",
+        "UP": "http://10.0.0.7:81",
+        "PORT": "8181",
+        "KEEP": "false",
+        "TTL": "12.5",
+    }
     cfg = parse(
         {
             "server": {"port": "${PORT}"},
@@ -86,8 +101,10 @@ def test_env_references_are_expanded_anywhere() -> None:
 
 
 def test_env_default_is_used_when_unset_or_empty() -> None:
-    data = {"tower": {"url": "${TOWER_URL:-http://tower.example:9999}"},
-            "server": {"host": "${HOST:-0.0.0.0}"}}
+    data = {
+        "tower": {"url": "${TOWER_URL:-http://tower.example:9999}"},
+        "server": {"host": "${HOST:-0.0.0.0}"},
+    }
     cfg = parse(data)
     assert cfg.tower.url == "http://tower.example:9999"
     assert cfg.server.host == "0.0.0.0"
@@ -99,8 +116,14 @@ def test_env_default_is_used_when_unset_or_empty() -> None:
 
 
 def test_unset_variable_names_the_variable_and_the_key() -> None:
-    exc = error_of({"routes": [{"path": "/", "upstream": "http://a"},
-                               {"path": "/b", "upstream": "${B_UPSTREAM}"}]})
+    exc = error_of(
+        {
+            "routes": [
+                {"path": "/", "upstream": "http://a"},
+                {"path": "/b", "upstream": "${B_UPSTREAM}"},
+            ]
+        }
+    )
     assert exc.path == "routes[1].upstream"
     assert "B_UPSTREAM" in str(exc) and str(exc).startswith("routes[1].upstream: ")
 
@@ -121,8 +144,11 @@ def test_expanded_number_that_is_not_a_number_is_an_error() -> None:
     [
         ({"cache": {"tll": 5}}, "cache.tll", "unknown key"),
         ({"surprise": {}}, "surprise", "unknown key"),
-        ({"routes": [{"path": "/", "upstream": "http://a", "auht": False}]},
-         "routes[0].auht", "unknown key"),
+        (
+            {"routes": [{"path": "/", "upstream": "http://a", "auht": False}]},
+            "routes[0].auht",
+            "unknown key",
+        ),
         ({"cache": {"ttl": "soon"}}, "cache.ttl", "number"),
         ({"server": {"port": True}}, "server.port", "integer"),
         ({"server": {"port": 80.5}}, "server.port", "integer"),
@@ -133,20 +159,45 @@ def test_expanded_number_that_is_not_a_number_is_an_error() -> None:
         ({"credentials": {"sources": ["x-api-key", "query"]}}, "credentials.sources", "x-api-key"),
         ({"credentials": {"sources": "x-api-key"}}, "credentials.sources", "list"),
         ({"routes": {"path": "/"}}, "routes", "list"),
-        ({"routes": [{"path": "/", "upstream": "http://a"}, {"path": "/b", "upstream": "ftp://b"}]},
-         "routes[1].upstream", "not a URL"),
-        ({"routes": [{"path": "/", "upstream": "http://a"}, {"path": "/b", "upstream": "b:80"}]},
-         "routes[1].upstream", "not a URL"),
-        ({"routes": [{"path": "/", "upstream": "http://a"}, {"path": "/b", "upstream": "http://"}]},
-         "routes[1].upstream", "not a URL"),
+        (
+            {
+                "routes": [
+                    {"path": "/", "upstream": "http://a"},
+                    {"path": "/b", "upstream": "ftp://b"},
+                ]
+            },
+            "routes[1].upstream",
+            "not a URL",
+        ),
+        (
+            {"routes": [{"path": "/", "upstream": "http://a"}, {"path": "/b", "upstream": "b:80"}]},
+            "routes[1].upstream",
+            "not a URL",
+        ),
+        (
+            {
+                "routes": [
+                    {"path": "/", "upstream": "http://a"},
+                    {"path": "/b", "upstream": "http://"},
+                ]
+            },
+            "routes[1].upstream",
+            "not a URL",
+        ),
         ({"routes": [{"path": "/", "upstream": "http://a:99999"}]}, "routes[0].upstream", "port"),
         ({"routes": [{"path": "/"}]}, "routes[0].upstream", "required"),
         ({"routes": [{"path": "api", "upstream": "http://a"}]}, "routes[0].path", "/"),
         ({"routes": [{"path": "/a/../b", "upstream": "http://a"}]}, "routes[0].path", "normalised"),
-        ({"routes": [{"path": "/", "upstream": "http://a", "methods": ["get"]}]},
-         "routes[0].methods", "upper-case"),
-        ({"routes": [{"path": "/", "upstream": "http://a", "timeout": 0}]},
-         "routes[0].timeout", "greater than 0"),
+        (
+            {"routes": [{"path": "/", "upstream": "http://a", "methods": ["get"]}]},
+            "routes[0].methods",
+            "upper-case",
+        ),
+        (
+            {"routes": [{"path": "/", "upstream": "http://a", "timeout": 0}]},
+            "routes[0].timeout",
+            "greater than 0",
+        ),
         ({"routes": []}, "routes", "at least one"),
         ({"tower": {"url": "tower:9999"}}, "tower.url", "not a URL"),
         ({"tower": {"url": "http://u:p@tower"}}, "tower.url", "credentials"),
@@ -167,15 +218,19 @@ def test_bad_values_are_rejected_with_the_dotted_path(data: Any, path: str, word
 
 
 def test_bad_url_message_reads_as_documented() -> None:
-    exc = error_of({"routes": [{"path": "/", "upstream": "http://a"},
-                               {"path": "/b", "upstream": "nope"}]})
+    exc = error_of(
+        {"routes": [{"path": "/", "upstream": "http://a"}, {"path": "/b", "upstream": "nope"}]}
+    )
     assert str(exc).startswith("routes[1].upstream: not a URL")
 
 
 @pytest.mark.parametrize(
     ("missing", "path"),
-    [("TOWER_API_KEY", "tower.api_key"), ("TOWER_SECRET", "tower.secret"),
-     ("GATEWAY_JWT_SECRET", "jwt.secret")],
+    [
+        ("TOWER_API_KEY", "tower.api_key"),
+        ("TOWER_SECRET", "tower.secret"),
+        ("GATEWAY_JWT_SECRET", "jwt.secret"),
+    ],
 )
 def test_missing_secrets_are_rejected(missing: str, path: str) -> None:
     env = {k: v for k, v in ENV.items() if k != missing}
@@ -193,20 +248,33 @@ def test_short_jwt_secret_is_rejected() -> None:
 def test_asymmetric_algorithm_needs_a_key_file(tmp_path: Path) -> None:
     exc = error_of({"jwt": {"algorithm": "RS256"}})
     assert exc.path == "jwt.private_key_file"
-    exc = error_of({"jwt": {"algorithm": "ES256",
-                            "private_key_file": str(tmp_path / "absent.pem")}})
+    exc = error_of(
+        {"jwt": {"algorithm": "ES256", "private_key_file": str(tmp_path / "absent.pem")}}
+    )
     assert exc.path == "jwt.private_key_file" and "no such file" in exc.message
 
 
 def test_duplicate_route_names_are_rejected() -> None:
-    exc = error_of({"routes": [{"path": "/a", "upstream": "http://a"},
-                               {"path": "/b", "upstream": "http://a", "name": "a"}]})
+    exc = error_of(
+        {
+            "routes": [
+                {"path": "/a", "upstream": "http://a"},
+                {"path": "/b", "upstream": "http://a", "name": "a"},
+            ]
+        }
+    )
     assert exc.path == "routes[1].name"
 
 
 def test_route_names_are_derived_from_paths() -> None:
-    cfg = parse({"routes": [{"path": "/api/v1", "upstream": "http://a"},
-                            {"path": "/", "upstream": "http://a"}]})
+    cfg = parse(
+        {
+            "routes": [
+                {"path": "/api/v1", "upstream": "http://a"},
+                {"path": "/", "upstream": "http://a"},
+            ]
+        }
+    )
     assert [r.name for r in cfg.routes] == ["api_v1", "root"]
 
 
@@ -234,7 +302,11 @@ def check_config(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess
     base = {k: v for k, v in os.environ.items() if k not in ENV}
     return subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", "--config", str(path)],
-        env={**base, **env}, capture_output=True, text=True, timeout=60, cwd=REPO,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
 
 
@@ -291,3 +363,15 @@ def test_check_config_missing_file_exits_2(tmp_path: Path) -> None:
     result = check_config(tmp_path / "nope.yaml", ENV)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "nope.yaml" in result.stderr
+
+
+def test_env_reference_in_flow_style_and_special_characters(tmp_path: Path) -> None:
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        "admin: {token: ${ADMIN}}\n"
+        "tower: {url: 'http://127.0.0.1:9999', secret: ${SECRET}}  # ${IN_A_COMMENT}\n"
+    )
+    env = {**ENV, "ADMIN": "tok: #{with} [yaml] chars", "SECRET": "s'e\"c: r#e}t"}
+    cfg = load_config(config, env=env)
+    assert cfg.admin.token == "tok: #{with} [yaml] chars"
+    assert cfg.tower.secret == "s'e\"c: r#e}t"

@@ -80,8 +80,9 @@ async def test_repeated_key_header_is_refused(gw: Harness) -> None:
     headers = CIMultiDict([("X-API-Key", GOOD), ("X-API-Key", GOOD)])
     response = await gw.client.get("/x", headers=headers)
     await error(response, 400, "repeated_key")
-    headers = CIMultiDict([("Authorization", f"Bearer {GOOD}"),
-                           ("Authorization", "Bearer admin-key-1")])
+    headers = CIMultiDict(
+        [("Authorization", f"Bearer {GOOD}"), ("Authorization", "Bearer admin-key-1")]
+    )
     response = await gw.client.get("/x", headers=headers)
     await error(response, 400, "repeated_key")
     assert gw.tower.calls == []
@@ -135,10 +136,20 @@ async def test_lookalike_header_beside_a_real_key_is_dropped(gw: Harness) -> Non
     assert all("admin-key-1" not in v for values in seen.headers.values() for v in values)
 
 
-@pytest.mark.parametrize("query", ["api_key=good-key-1", "x=1&API_KEY=good-key-1",
-                                   "apikey=good-key-1", "api-key=good-key-1",
-                                   "api%5Fkey=good-key-1", "api%5fKEY=good-key-1", "api_key",
-                                   "a=1;api_key=good-key-1", "api+key=good-key-1"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "api_key=good-key-1",
+        "x=1&API_KEY=good-key-1",
+        "apikey=good-key-1",
+        "api-key=good-key-1",
+        "api%5Fkey=good-key-1",
+        "api%5fKEY=good-key-1",
+        "api_key",
+        "a=1;api_key=good-key-1",
+        "api+key=good-key-1",
+    ],
+)
 async def test_key_in_query_is_refused(gw: Harness, query: str) -> None:
     for path in ("/x", "/public/x"):
         # encoded=True: the query goes out exactly as written, escapes included.

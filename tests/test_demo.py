@@ -25,7 +25,8 @@ def test_root_gateway_yaml_is_the_packaged_default() -> None:
 
 def test_demo_self_test_serves_the_printed_requests(tmp_path: Path) -> None:
     env = {
-        k: v for k, v in os.environ.items()
+        k: v
+        for k, v in os.environ.items()
         if k not in ("GATEWAY_JWT_SECRET", "GATEWAY_ADMIN_TOKEN", "TOWER_GATEWAY_CONFIG")
     }
     upstream = free_port()
@@ -37,7 +38,11 @@ def test_demo_self_test_serves_the_printed_requests(tmp_path: Path) -> None:
     # Run from an empty directory: the built-in copy of gateway.yaml is used.
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "demo", "--self-test"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "GET /hello -> 200" in result.stdout

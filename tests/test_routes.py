@@ -18,8 +18,9 @@ GOOD = {"X-API-Key": "good-key-1"}
 ADMIN = {"X-API-Key": "admin-key-1"}
 
 
-async def raw_get(h: Harness, path: str, headers: dict[str, str] | None = None,
-                  method: str = "GET") -> ClientResponse:
+async def raw_get(
+    h: Harness, path: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> ClientResponse:
     """Send `path` exactly as written: no client-side normalisation or re-quoting."""
     url = URL(str(h.client.make_url("")).rstrip("/") + path, encoded=True)
     return await h.client.session.request(method, url, headers=headers or {})
@@ -68,8 +69,20 @@ def test_normalise_path(raw: str, normal: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["/..", "/../admin", "/a/../../admin", "/%2e%2e/admin", "//..//admin", "/a/..;x/b",
-     "/a%00b", "/a%zz", "/a%2", "/a\\b", "relative", "/a b"],
+    [
+        "/..",
+        "/../admin",
+        "/a/../../admin",
+        "/%2e%2e/admin",
+        "//..//admin",
+        "/a/..;x/b",
+        "/a%00b",
+        "/a%zz",
+        "/a%2",
+        "/a\\b",
+        "relative",
+        "/a b",
+    ],
 )
 def test_normalise_path_refuses(raw: str) -> None:
     with pytest.raises(BadRequest) as info:
@@ -106,7 +119,10 @@ def test_route_table_without_a_match_is_not_found() -> None:
 def test_upstream_base_path_is_prepended() -> None:
     (route,) = RouteTable([RouteConfig(path="/api", upstream="http://h:81/base/", name="a")]).routes
     assert (route.upstream_origin, route.upstream_base, route.upstream_host) == (
-        "http://h:81", "/base", "h:81")
+        "http://h:81",
+        "/base",
+        "h:81",
+    )
 
 
 # --------------------------------------------------------------------------- through the gateway
@@ -119,8 +135,10 @@ async def test_dot_segments_cannot_reach_admin_through_public(gw: Harness) -> No
         response = await raw_get(gw, path, GOOD)
         assert response.status == 403, path  # operator lacks admin:write
         body = await response.json()
-        assert body == {"error": "missing_capability",
-                        "detail": "Missing required capability: admin:write"}
+        assert body == {
+            "error": "missing_capability",
+            "detail": "Missing required capability: admin:write",
+        }
     assert gw.upstream.seen == []
     response = await raw_get(gw, "/public/../admin", ADMIN)
     assert response.status == 200
@@ -193,9 +211,11 @@ async def test_no_matching_route_is_404(make_gateway: GatewayFactory) -> None:
 
 
 async def test_method_restricted_route(make_gateway: GatewayFactory) -> None:
-    h = await make_gateway(routes=[
-        {"path": "/ro", "upstream": "http://127.0.0.1:9", "methods": ["GET"], "auth": False}
-    ])
+    h = await make_gateway(
+        routes=[
+            {"path": "/ro", "upstream": "http://127.0.0.1:9", "methods": ["GET"], "auth": False}
+        ]
+    )
     response = await h.client.post("/ro/x")
     assert response.status == 404
 
@@ -216,9 +236,20 @@ async def test_public_route_neither_validates_nor_forwards_credentials(gw: Harne
 
 
 async def test_upstream_base_path_is_used(make_gateway: GatewayFactory, gw: Harness) -> None:
-    h = await make_gateway(routes=[
-        {"path": "/v1", "upstream": gw.upstream.url + "/base", "auth": False}
-    ])
+    h = await make_gateway(
+        routes=[{"path": "/v1", "upstream": gw.upstream.url + "/base", "auth": False}]
+    )
     response = await h.client.get("/v1/items?q=1")
     assert response.status == 200
     assert h.upstream.seen[-1].path == "/base/v1/items?q=1"
+
+
+@pytest.mark.parametrize("target", ["http://evil.example/admin", "*", "admin"])
+async def test_request_target_that_is_not_a_path_is_400(gw: Harness, target: str) -> None:
+    status, body = await raw_http(gw, target)
+    assert status == 400
+    if target.startswith("http"):
+        # `*` and `admin` are refused by the HTTP parser itself, before the gateway.
+        assert b'"bad_path"' in body
+    assert gw.upstream.seen == []
+    assert gw.tower.calls == []

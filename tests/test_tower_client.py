@@ -55,8 +55,9 @@ def scripted(aiohttp_server: ServerFactory) -> Callable[[Handler], Awaitable[Scr
 
 
 def remote(url: str, timeout: float = 0.5, **kw: Any) -> RemoteTower:
-    return RemoteTower(TowerConfig(url=url, api_key=TOWER_API_KEY, secret=TOWER_SECRET,
-                                   timeout=timeout, **kw))
+    return RemoteTower(
+        TowerConfig(url=url, api_key=TOWER_API_KEY, secret=TOWER_SECRET, timeout=timeout, **kw)
+    )
 
 
 def answer(body: Any, status: int = 200) -> Handler:
@@ -134,9 +135,11 @@ async def test_valid_false_is_invalid_whatever_the_status(
 
 @pytest.mark.parametrize(
     ("body", "reason"),
-    [({"valid": False, "reason": "revoked"}, "revoked_key"),
-     ({"valid": False, "error": "Key expired"}, "expired_key"),
-     ({"valid": False}, "invalid_key")],
+    [
+        ({"valid": False, "reason": "revoked"}, "revoked_key"),
+        ({"valid": False, "error": "Key expired"}, "expired_key"),
+        ({"valid": False}, "invalid_key"),
+    ],
 )
 async def test_rejection_reasons(
     scripted: Callable[[Handler], Awaitable[Scripted]], body: dict[str, Any], reason: str
@@ -191,8 +194,14 @@ async def test_malformed_answers_are_faults(
 
 @pytest.mark.parametrize(
     ("status", "kind"),
-    [(500, "server_error"), (502, "server_error"), (401, "tower_auth"), (403, "tower_auth"),
-     (404, "malformed"), (201, "malformed")],
+    [
+        (500, "server_error"),
+        (502, "server_error"),
+        (401, "tower_auth"),
+        (403, "tower_auth"),
+        (404, "malformed"),
+        (201, "malformed"),
+    ],
 )
 async def test_status_without_a_verdict_is_a_fault(
     scripted: Callable[[Handler], Awaitable[Scripted]], status: int, kind: str
@@ -216,6 +225,19 @@ async def test_non_json_is_a_fault(scripted: Callable[[Handler], Awaitable[Scrip
     assert (await fault_of(tower.url)).kind == "malformed"
 
 
+@pytest.mark.parametrize("text", ["[" * 60_000, '{"valid": ' * 20_000, "\udcff", "nul\x00"])
+async def test_hostile_json_is_a_malformed_fault(
+    scripted: Callable[[Handler], Awaitable[Scripted]], text: str
+) -> None:
+    async def hostile(_request: web.Request) -> web.Response:
+        return web.Response(
+            body=text.encode("utf-8", "surrogatepass"), content_type="application/json"
+        )
+
+    tower = await scripted(hostile)
+    assert (await fault_of(tower.url)).kind == "malformed"
+
+
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 async def test_redirects_are_never_followed(
     scripted: Callable[[Handler], Awaitable[Scripted]], status: int
@@ -223,8 +245,12 @@ async def test_redirects_are_never_followed(
     thief = await scripted(answer(VALID))
 
     async def redirect(_request: web.Request) -> web.Response:
-        return web.Response(status=status, headers={"Location": thief.url + "/api/v1/validate"},
-                            text=json.dumps(VALID), content_type="application/json")
+        return web.Response(
+            status=status,
+            headers={"Location": thief.url + "/api/v1/validate"},
+            text=json.dumps(VALID),
+            content_type="application/json",
+        )
 
     tower = await scripted(redirect)
     assert (await fault_of(tower.url)).kind == "redirect"
@@ -285,8 +311,9 @@ async def test_refused_connection_is_a_fault(unused_tcp_port: int) -> None:
     assert fault.kind == "refused"
 
 
-async def test_ping(scripted: Callable[[Handler], Awaitable[Scripted]],
-                    unused_tcp_port: int) -> None:
+async def test_ping(
+    scripted: Callable[[Handler], Awaitable[Scripted]], unused_tcp_port: int
+) -> None:
     tower = await scripted(answer({"service": "tower"}, 404))
     client = remote(tower.url)
     try:
@@ -319,7 +346,9 @@ async def assert_503(h: Harness, started: float, limit: float = 2.0) -> None:
 async def test_tower_faults_are_503_and_never_forwarded(gw: Harness, mode: str) -> None:
     gw.tower.mode = mode
     await assert_503(gw, time.monotonic())  # tower.timeout is 1.0
-    assert gw.tower.calls == ["good-key-1"]
+    assert set(gw.tower.calls) == {"good-key-1"}
+    if mode in ("garbage", "wrong_types", "unauthorized", "redirect"):
+        assert len(gw.tower.calls) == 1  # the same answer again: not retried
 
 
 async def test_gateway_credentials_refused_is_503(make_gateway: GatewayFactory) -> None:

@@ -36,6 +36,9 @@ class RemoteTower:
             TOWER_SECRET_HEADER: config.secret,
             "Content-Type": "application/json",
             "Accept": "application/json",
+            # The body is read raw and bounded: a compressed answer would be
+            # unreadable, and decompressing it would defeat the bound.
+            "Accept-Encoding": "identity",
         }
         connect = config.connect_timeout or config.timeout
         self._client = httpx.AsyncClient(
@@ -65,8 +68,9 @@ class RemoteTower:
 
     async def _exchange(self, api_key: str) -> tuple[int, bytes]:
         payload = json.dumps({"api_key": api_key}).encode()
-        request = self._client.build_request("POST", self._url, content=payload,
-                                             headers=self._headers)
+        request = self._client.build_request(
+            "POST", self._url, content=payload, headers=self._headers
+        )
         response = await self._client.send(request, stream=True)
         try:
             chunks: list[bytes] = []
@@ -82,18 +86,19 @@ class RemoteTower:
 
     @staticmethod
     def _interpret(status: int, raw: bytes) -> TowerAnswer:
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):  # RecursionError: `[[[[...` nested too deep
+            body = None
+        # A `valid: false` answer is believed whatever the status (the
+        # contract's rule, and a refusal can only deny); a 401/403 without one
+        # is about the gateway's own credentials, not the key.
+        if isinstance(body, dict) and body.get("valid") is False:
+            return parse_answer(status, body)
         if 300 <= status < 400:
             raise TowerFault("redirect", f"tower answered {status}; redirects are not followed")
         if status >= 500:
             raise TowerFault("server_error", f"tower answered {status}")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            body = None
-        # A `valid: false` answer is believed whatever the status; a 401/403
-        # without one is about the gateway's own credentials, not the key.
-        if isinstance(body, dict) and body.get("valid") is False:
-            return parse_answer(status, body)
         if status in (401, 403):
             raise TowerFault("tower_auth", f"tower refused the gateway's credentials ({status})")
         if body is None:

@@ -1,0 +1,41 @@
+# tower-gateway container image.
+#
+#   docker build -t tower-gateway .
+#   docker run --read-only --tmpfs /tmp -p 8080:8080 \
+#     -v "$PWD/gateway.yaml:/etc/tower-gateway/gateway.yaml:ro" \
+#     -e TOWER_API_KEY -e TOWER_SECRET -e GATEWAY_JWT_SECRET -e GATEWAY_ADMIN_TOKEN \
+#     tower-gateway
+#
+# The config is mounted, never baked in; secrets come from the environment
+# (`${VAR}` in gateway.yaml). The ops listener (ops.port, 9091) must listen on
+# 127.0.0.1 or 0.0.0.0 for the HEALTHCHECK below; use 0.0.0.0 when probes or
+# Prometheus reach it from outside the container. `serve --workers N` keeps its
+# workers' private sockets under $TMPDIR (/tmp): give a read-only container a
+# writable /tmp.
+
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+# A prefix of its own, so the runtime stage receives the installed project and
+# its dependencies without the sources or the build tools.
+RUN pip install --prefix=/install .
+
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TOWER_GATEWAY_CONFIG=/etc/tower-gateway/gateway.yaml
+COPY --from=build /install /usr/local
+# A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it.
+RUN groupadd --system --gid 10001 gateway \
+    && useradd --system --uid 10001 --gid gateway --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin gateway \
+    && mkdir -p /etc/tower-gateway
+USER 10001:10001
+EXPOSE 8080 9091
+# python:3.11-slim has no curl; urlopen raises (exit 1) on any non-2xx answer.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9091/healthz', timeout=3).status == 200 else 1)"]
+CMD ["tower-gateway", "serve", "--host", "0.0.0.0"]

@@ -1,0 +1,804 @@
+"""`serve --workers N`: N gateway processes on one port, supervised by a parent that owns ops.
+
+    parent (run_workers)                    public ops listener ops.host:ops.port
+      │   /metrics   every worker's exposition, each sample labelled worker="<i>"
+      │   /healthz   200 while the parent serves
+      │   /readyz    200 when any worker is ready
+      │   /admin/*   fanned out to every worker; /admin/workers lists them
+      ├── worker 0   python -m gateway.workers ...: proxy on server.port (SO_REUSEPORT),
+      │              its own ops app on <private dir>/worker-0.sock
+      └── worker 1   ...
+
+Each worker loads the config itself. The parent restarts a worker that dies,
+with an exponential back-off so a crash loop does not spin; a worker that
+cannot load the config stops the whole group with exit 2. SIGTERM/SIGINT to the
+parent is forwarded; workers drain in-flight requests and the parent exits 0.
+Workers run in their own session so only the parent decides when they stop,
+and they stop on their own when the parent disappears (their stdin closes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import site
+import socket
+import stat
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import hdrs, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from yarl import URL
+
+from gateway.config import Config
+from gateway.errors import ConfigError
+
+log = logging.getLogger("tower_gateway.workers")
+
+EXIT_CONFIG: Final = 2  # same as `tower-gateway check-config`: the config cannot be used
+EXIT_LISTEN: Final = 3  # a worker could not bind its listeners
+STARTUP_TIMEOUT: Final = 60.0  # every worker must answer on its ops socket within this
+STABLE_AFTER: Final = 10.0  # a worker that lived this long resets the back-off
+BACKOFF_BASE: Final = 0.5
+BACKOFF_MAX: Final = 30.0
+STOP_GRACE: Final = 10.0  # beyond server.shutdown_timeout before stragglers are killed
+KILL_WAIT: Final = 5.0
+FANOUT_TIMEOUT: Final = 5.0  # below Prometheus' default 10 s scrape timeout
+# A worker whose event loop stops answering keeps receiving its share of new
+# connections (SO_REUSEPORT): after this many missed health checks it is killed.
+HEALTH_INTERVAL: Final = 5.0
+HEALTH_FAILURES: Final = 3
+WORKER_LABEL: Final = "worker"
+# Snapshot fields that describe one worker's settings rather than count events.
+_NOT_SUMMED: Final = frozenset({"cache_hit_ratio", "max_entries"})
+
+
+def backoff(quick_exits: int) -> float:
+    """Seconds to wait before restarting a worker after `quick_exits` short-lived runs."""
+    if quick_exits <= 0:
+        return 0.0
+    return float(min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (quick_exits - 1)))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def merge_expositions(pages: Iterable[tuple[str, str]]) -> tuple[list[Metric], list[str]]:
+    """Merge Prometheus text pages into one family list, labelling every sample.
+
+    `pages` holds (worker label, exposition text). A family keeps the HELP and
+    TYPE of the first page that has it, so each is written once; a page whose
+    type disagrees for a family is skipped for that family (the two cannot be
+    one family). Returns the families and the labels of unparsable pages.
+    """
+    families: dict[str, Metric] = {}
+    unparsable: list[str] = []
+    for worker, text in pages:
+        try:
+            parsed = list(text_string_to_metric_families(text))
+        except (ValueError, IndexError):
+            unparsable.append(worker)
+            continue
+        for family in parsed:
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+            elif merged.type != family.type:
+                log.warning(
+                    "metric %s has type %s in worker %s, %s elsewhere; skipped",
+                    family.name,
+                    family.type,
+                    worker,
+                    merged.type,
+                )
+                continue
+            for sample in family.samples:
+                merged.samples.append(
+                    sample._replace(labels={**sample.labels, WORKER_LABEL: worker})
+                )
+    return list(families.values()), unparsable
+
+
+class _Families(Collector):
+    """A fixed list of families, so `generate_latest` can write them."""
+
+    def __init__(self, families: Sequence[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def merge_cache_stats(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Sum the workers' `/admin/cache` counters and recompute the hit ratio from the sums."""
+    total: dict[str, Any] = {}
+    for snapshot in snapshots:
+        for name, value in snapshot.items():
+            if name in _NOT_SUMMED or isinstance(value, bool) or not isinstance(value, int):
+                continue
+            total[name] = total.get(name, 0) + value
+    hits, misses = total.get("hits", 0), total.get("misses", 0)
+    total["cache_hit_ratio"] = round(hits / (hits + misses), 6) if hits + misses else 0.0
+    return total
+
+
+# --------------------------------------------------------------------------- the group
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """One worker position; its process is replaced when it dies."""
+
+    index: int
+    socket_path: str
+    process: asyncio.subprocess.Process | None = None
+    session: aiohttp.ClientSession | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    started_at: float = 0.0
+    restarts: int = 0
+    quick_exits: int = 0
+    last_exit: int | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "worker": self.index,
+            "pid": self.process.pid if self.alive and self.process else None,
+            "ready": self.ready.is_set(),
+            "restarts": self.restarts,
+            "uptime_seconds": round(time.monotonic() - self.started_at, 3) if self.alive else 0,
+            "last_exit": self.last_exit,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A worker's answer to a fanned-out request; status 0 when it did not answer."""
+
+    worker: int
+    status: int
+    body: bytes = b""
+    error: str | None = None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class WorkerGroup:
+    """Starts, watches, restarts and stops the worker processes; talks to their ops sockets."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: str,
+        workers: int,
+        *,
+        socket_dir: str,
+        host: str | None = None,
+        port: int | None = None,
+        health_interval: float = HEALTH_INTERVAL,
+        health_failures: int = HEALTH_FAILURES,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("a worker group needs at least one worker")
+        self.config = config
+        self.health_interval = health_interval
+        self.health_failures = health_failures
+        self.config_path = str(Path(config_path).resolve())
+        self.host = host
+        self.port = port
+        self.slots = [
+            WorkerSlot(i, os.path.join(socket_dir, f"worker-{i}.sock")) for i in range(workers)
+        ]
+        self.stopping = False
+        self._started = False
+        self._wake = asyncio.Event()  # interrupts back-off sleeps when the group stops
+        self._fatal: asyncio.Future[int] | None = None
+        self._env = _worker_env()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event, force: asyncio.Event) -> int:
+        """Run until `stop` is set or a worker fails fatally; returns the exit code."""
+        self._fatal = asyncio.get_running_loop().create_future()
+        for slot in self.slots:
+            # force_close: a restarted worker is a new process behind the same
+            # path, so a pooled connection would point at a dead one.
+            slot.session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(slot.socket_path, force_close=True),
+                timeout=aiohttp.ClientTimeout(total=FANOUT_TIMEOUT),
+            )
+        supervisors = [asyncio.create_task(self._supervise(slot)) for slot in self.slots]
+        code = 1
+        try:
+            code = await self._start(stop)
+            if code == 0 and not stop.is_set():
+                self._started = True
+                log.info(
+                    "%d workers ready (pids %s)",
+                    len(self.slots),
+                    ", ".join(str(s.describe()["pid"]) for s in self.slots),
+                )
+                code = await self._first(stop.wait(), self._fatal)
+        finally:
+            clean = await self._stop_workers(supervisors, force)
+            for slot in self.slots:
+                if slot.session is not None:
+                    await slot.session.close()
+        return code if code != 0 or clean else 1
+
+    async def _start(self, stop: asyncio.Event) -> int:
+        assert self._fatal is not None
+
+        async def all_ready() -> None:
+            for slot in self.slots:
+                await slot.ready.wait()
+
+        try:
+            async with asyncio.timeout(STARTUP_TIMEOUT):
+                await self._first(all_ready(), stop.wait(), self._fatal)
+        except TimeoutError:
+            log.error("workers did not become ready within %.0fs", STARTUP_TIMEOUT)
+            return 1
+        return self._fatal.result() if self._fatal.done() else 0
+
+    @staticmethod
+    async def _first(*awaitables: Any) -> int:
+        """Wait for the first awaitable; an int result is an exit code, anything else 0."""
+        tasks = [asyncio.ensure_future(a) for a in awaitables]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                if isinstance(task, asyncio.Task):
+                    task.cancel()
+        result = next(iter(done)).result()
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+    def _fail(self, code: int) -> None:
+        if self._fatal is not None and not self._fatal.done():
+            self._fatal.set_result(code)
+
+    async def _supervise(self, slot: WorkerSlot) -> None:
+        try:
+            await self._keep_running(slot)
+        except Exception:
+            # An unsupervised slot would silently shrink the group: stop it instead.
+            log.exception("supervisor of worker %d failed; stopping all workers", slot.index)
+            self._fail(1)
+
+    async def _keep_running(self, slot: WorkerSlot) -> None:
+        while not self.stopping:
+            try:
+                process = await self._spawn(slot)
+            except OSError as exc:
+                log.error("cannot start worker %d: %s", slot.index, exc)
+                self._fail(1)
+                return
+            watch = asyncio.create_task(self._watch(slot, process))
+            code = await process.wait()
+            watch.cancel()
+            if process.stdin is not None:
+                process.stdin.close()
+            slot.ready.clear()
+            slot.last_exit = code
+            lived = time.monotonic() - slot.started_at
+            if self.stopping:
+                return
+            if code == EXIT_CONFIG:
+                log.error("worker %d cannot use the config; stopping all workers", slot.index)
+                self._fail(EXIT_CONFIG)
+                return
+            if not self._started:
+                log.error(
+                    "worker %d (pid %d) exited with %s while starting; stopping",
+                    slot.index,
+                    process.pid,
+                    _describe_exit(code),
+                )
+                self._fail(1)
+                return
+            slot.quick_exits = 0 if lived >= STABLE_AFTER else slot.quick_exits + 1
+            delay = backoff(slot.quick_exits)
+            log.warning(
+                "worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
+                slot.index,
+                process.pid,
+                _describe_exit(code),
+                lived,
+                delay,
+            )
+            slot.restarts += 1
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+
+    async def _spawn(self, slot: WorkerSlot) -> asyncio.subprocess.Process:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(slot.socket_path)
+        argv = [
+            sys.executable,
+            "-m",
+            "gateway.workers",
+            "--config",
+            self.config_path,
+            "--index",
+            str(slot.index),
+            "--ops-socket",
+            slot.socket_path,
+        ]
+        if self.host is not None:
+            argv += ["--host", self.host]
+        if self.port is not None:
+            argv += ["--port", str(self.port)]
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            # The worker never reads stdin: its closing tells the worker the parent is gone.
+            stdin=asyncio.subprocess.PIPE,
+            env=self._env,
+            # Own session: a terminal's Ctrl-C reaches only the parent, which
+            # forwards one SIGTERM; a second signal would cut a worker's drain short.
+            start_new_session=True,
+        )
+        slot.process, slot.started_at = process, time.monotonic()
+        if self.stopping:  # the stop began while this worker was being started
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        return process
+
+    async def _watch(self, slot: WorkerSlot, process: asyncio.subprocess.Process) -> None:
+        """Set `slot.ready` once the worker answers on its ops socket; kill it if it stops.
+
+        The proxy listener is bound before the ops socket, so an answer means it serves.
+        """
+        pause = 0.02
+        while not slot.ready.is_set():
+            if process.returncode is not None:
+                return
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                status, _ = await self.call(slot, hdrs.METH_GET, "/healthz", within=1.0)
+                if status == 200:
+                    slot.ready.set()
+                    log.info("worker %d ready (pid %d)", slot.index, process.pid)
+                    break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+        missed = 0
+        while process.returncode is None and not self.stopping:
+            await asyncio.sleep(self.health_interval)
+            try:
+                status, _ = await self.call(
+                    slot, hdrs.METH_GET, "/healthz", within=self.health_interval
+                )
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                status = 0
+            missed = 0 if status == 200 else missed + 1
+            if missed >= self.health_failures and not self.stopping:
+                log.error(
+                    "worker %d (pid %d) missed %d health checks; killing it",
+                    slot.index,
+                    process.pid,
+                    missed,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                return
+
+    async def _stop_workers(
+        self, supervisors: list[asyncio.Task[None]], force: asyncio.Event
+    ) -> bool:
+        """Forward SIGTERM, wait for the drain, kill what outlives it; True when none was killed."""
+        self.stopping = True
+        self._wake.set()
+        for slot in self.slots:
+            self._signal(slot, signal.SIGTERM)
+        bound = self.config.server.shutdown_timeout + STOP_GRACE
+
+        async def all_exited() -> None:
+            await asyncio.wait(supervisors)
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(bound):
+                await self._first(all_exited(), force.wait())
+        clean = all(task.done() for task in supervisors)
+        if not clean:
+            log.error("workers still running after %.0fs (or a second signal); killing them", bound)
+            for slot in self.slots:
+                self._signal(slot, signal.SIGKILL)
+            await asyncio.wait(supervisors, timeout=KILL_WAIT)
+            for task in supervisors:
+                task.cancel()
+        return clean
+
+    @staticmethod
+    def _signal(slot: WorkerSlot, signum: int) -> None:
+        if slot.alive and slot.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                slot.process.send_signal(signum)
+
+    # ------------------------------------------------------------------ talking to workers
+
+    async def call(
+        self, slot: WorkerSlot, method: str, path: str, *, within: float = FANOUT_TIMEOUT
+    ) -> tuple[int, bytes]:
+        """One request to a worker's private ops app; `path` is already URL-encoded."""
+        if slot.session is None:
+            raise aiohttp.ClientConnectionError("worker group is not running")
+        headers = {}
+        token = self.config.admin.token
+        if path.startswith("/admin/") and token is not None:
+            headers[hdrs.AUTHORIZATION] = f"Bearer {token}"
+        url = URL.build(scheme="http", host="worker", path=path, encoded=True)
+        async with asyncio.timeout(within):
+            async with slot.session.request(method, url, headers=headers) as response:
+                return response.status, await response.read()
+
+    async def fan_out(self, method: str, path: str, *, every: bool) -> list[Reply]:
+        """Ask workers in parallel.
+
+        every=False: only workers already known to be ready (a scrape must not
+        wait). every=True: every running worker, waiting briefly for one still
+        starting, because an admin action must reach all of them. A slot with no
+        process is skipped either way: its next process starts with an empty cache.
+        """
+        targets = [s for s in self.slots if (s.alive if every else s.ready.is_set())]
+
+        async def one(slot: WorkerSlot) -> Reply:
+            try:
+                async with asyncio.timeout(FANOUT_TIMEOUT):
+                    await slot.ready.wait()
+                    status, body = await self.call(slot, method, path)
+                return Reply(slot.index, status, body)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                return Reply(slot.index, 0, error=type(exc).__name__)
+
+        return list(await asyncio.gather(*(one(slot) for slot in targets)))
+
+    def own_metrics(self, up: Mapping[int, bool]) -> list[Metric]:
+        """The parent's view of its workers, written next to theirs."""
+        worker_up = GaugeMetricFamily(
+            "tower_gateway_worker_up",
+            "1 when the worker answered this scrape",
+            labels=[WORKER_LABEL],
+        )
+        restarts = CounterMetricFamily(
+            "tower_gateway_worker_restarts",
+            "Worker processes restarted after an exit",
+            labels=[WORKER_LABEL],
+        )
+        for slot in self.slots:
+            worker_up.add_metric([str(slot.index)], 1.0 if up.get(slot.index) else 0.0)
+            restarts.add_metric([str(slot.index)], slot.restarts)
+        return [worker_up, restarts]
+
+
+GROUP: Final = web.AppKey("worker_group", WorkerGroup)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"status {code}"
+
+
+def _worker_env() -> dict[str, str]:
+    """The parent's environment, plus the directory this package was imported from.
+
+    A worker must run the same code as its parent, also when the parent runs
+    from a source checkout that is not installed. An installed package needs
+    nothing: adding site-packages to PYTHONPATH would reorder the import path.
+    """
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    installed = {
+        str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]
+    }
+    if root not in installed:
+        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if root not in parts:
+            env["PYTHONPATH"] = os.pathsep.join([root, *parts])
+    return env
+
+
+# --------------------------------------------------------------------------- the parent's ops app
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data), status=status, content_type="application/json")
+
+
+def _unavailable(failed: Sequence[Reply]) -> web.Response:
+    names = ", ".join(f"{r.worker} ({r.error or f'status {r.status}'})" for r in failed)
+    return _json({"error": "worker_unavailable", "detail": f"workers did not answer: {names}"}, 502)
+
+
+def create_group_ops_app(group: WorkerGroup) -> web.Application:
+    """The parent's ops listener: the same endpoints as one process, answered for the group."""
+    from gateway.ops import admin_guard
+
+    app = web.Application()
+    app[GROUP] = group
+    admin = admin_guard(group.config.admin.token)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        replies = await group.fan_out(hdrs.METH_GET, "/metrics", every=False)
+        pages, up = [], {}
+        for reply in replies:
+            up[reply.worker] = reply.status == 200
+            if reply.status == 200:
+                pages.append((str(reply.worker), reply.body.decode("utf-8", "replace")))
+        families, unparsable = merge_expositions(pages)
+        for worker in unparsable:
+            log.warning("worker %s returned unparsable metrics", worker)
+            up[int(worker)] = False
+        families.extend(group.own_metrics(up))
+        body = generate_latest(_Families(families))
+        return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
+
+    async def healthz(_request: web.Request) -> web.Response:
+        ready = sum(1 for s in group.slots if s.ready.is_set())
+        return _json({"status": "ok", "workers": len(group.slots), "workers_ready": ready})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        if group.stopping:
+            return _json({"ready": False, "checks": {"stopping": True}}, 503)
+        replies = await group.fan_out(hdrs.METH_GET, "/readyz", every=False)
+        workers = []
+        for reply in replies:
+            entry: dict[str, Any] = {"worker": reply.worker, "ready": reply.status == 200}
+            with contextlib.suppress(ValueError):
+                entry["checks"] = reply.json().get("checks")
+            workers.append(entry)
+        ready = any(w["ready"] for w in workers)
+        return _json({"ready": ready, "workers": workers}, 200 if ready else 503)
+
+    async def jwks(_request: web.Request) -> web.Response:
+        # Every worker signs with the same configured key: the first answer is the answer.
+        for slot in group.slots:
+            if not slot.ready.is_set():
+                continue
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                status, body = await group.call(slot, hdrs.METH_GET, "/.well-known/jwks.json")
+                if status == 200:
+                    return web.Response(body=body, content_type="application/json")
+        return _json({"error": "unavailable", "detail": "no worker answered"}, 503)
+
+    async def cache_stats(_request: web.Request) -> web.Response:
+        replies = await group.fan_out(hdrs.METH_GET, "/admin/cache", every=True)
+        failed = [r for r in replies if r.status != 200]
+        if failed:
+            return _unavailable(failed)
+        snapshots = [r.json() for r in replies]
+        merged = merge_cache_stats(snapshots)
+        merged["workers"] = [
+            {"worker": r.worker, **s} for r, s in zip(replies, snapshots, strict=True)
+        ]
+        return _json(merged)
+
+    async def cache_clear(_request: web.Request) -> web.Response:
+        replies = await group.fan_out(hdrs.METH_DELETE, "/admin/cache", every=True)
+        failed = [r for r in replies if r.status != 200]
+        if failed:
+            return _unavailable(failed)
+        return _json({"cleared": True, "workers": len(replies)})
+
+    async def cache_drop(request: web.Request) -> web.Response:
+        key_id = request.match_info["key_id"]
+        path = "/admin/cache/" + quote(key_id, safe="")
+        replies = await group.fan_out(hdrs.METH_DELETE, path, every=True)
+        failed = [r for r in replies if r.status != 200]
+        if failed:
+            return _unavailable(failed)
+        dropped = sum(int(r.json().get("dropped_entries", 0)) for r in replies)
+        return _json({"key_id": key_id, "dropped_entries": dropped, "workers": len(replies)})
+
+    async def workers(_request: web.Request) -> web.Response:
+        return _json({"pid": os.getpid(), "workers": [s.describe() for s in group.slots]})
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/.well-known/jwks.json", jwks)
+    app.router.add_get("/admin/cache", admin(cache_stats))
+    app.router.add_delete("/admin/cache", admin(cache_clear))
+    app.router.add_delete("/admin/cache/{key_id}", admin(cache_drop))
+    app.router.add_get("/admin/workers", admin(workers))
+    return app
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run_workers(
+    config: Config,
+    config_path: str,
+    workers: int,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+) -> int:
+    """Run the supervised group until SIGTERM/SIGINT; returns the process exit code."""
+    if not (hasattr(socket, "SO_REUSEPORT") and hasattr(socket, "AF_UNIX")):
+        print(
+            "error: --workers needs SO_REUSEPORT and unix sockets (Linux, BSD, macOS)",
+            file=sys.stderr,
+        )
+        return 1
+    if config.rate_limit.backend == "memory" and config.rate_limit.default_per_minute > 0:
+        log.warning(
+            "rate_limit.backend is memory: each of the %d workers counts on its own, "
+            "so a key may get up to %d times its limit; use backend: redis",
+            workers,
+            workers,
+        )
+    from gateway.serve import run
+
+    # 0700 directory: only this user can reach the workers' ops sockets.
+    socket_dir = tempfile.mkdtemp(prefix="tower-gateway-")
+    outcome: list[int] = []
+
+    async def main() -> None:
+        group = WorkerGroup(
+            config, config_path, workers, socket_dir=socket_dir, host=host, port=port
+        )
+        outcome.append(await _run_group(group))
+
+    try:
+        run(main())
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+    return outcome[0] if outcome else 1
+
+
+async def _run_group(group: WorkerGroup) -> int:
+    config = group.config
+    runner = web.AppRunner(create_group_ops_app(group), access_log=None, handle_signals=False)
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: not waiting for the drain", signal.Signals(signum).name)
+            force.set()
+            return
+        log.info("%s: stopping the workers", signal.Signals(signum).name)
+        stop.set()
+
+    try:
+        # Bound before any worker starts, so a taken ops port fails fast.
+        await web.TCPSite(runner, config.ops.host, config.ops.port).start()
+        log.info(
+            "supervising %d workers (ops %s:%s)", len(group.slots), config.ops.host, config.ops.port
+        )
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        code = await group.run(stop, force)
+        log.info("all workers stopped (exit %d)", code)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
+    return code
+
+
+class _WorkerFormatter(logging.Formatter):
+    """The operational JSON log line, plus which worker wrote it."""
+
+    def __init__(self, inner: logging.Formatter, index: int) -> None:
+        super().__init__()
+        self._inner = inner
+        self._index = index
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self._inner.format(record)
+        try:
+            data = json.loads(line)
+        except ValueError:
+            return line
+        data[WORKER_LABEL] = self._index
+        return json.dumps(data, ensure_ascii=True)
+
+
+def _exit_with_parent() -> None:
+    """Stop gracefully when the parent goes away: its end of our stdin pipe closes."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(0).st_mode):
+            return  # started by hand, not by a parent
+    except OSError:
+        return
+
+    def watch() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while sys.stdin.buffer.read(4096):
+                pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _bind_unix(path: str) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """One worker: `serve(reuse_port=True, ops=False)` plus the private ops socket."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.workers",
+        description="One worker of `tower-gateway serve --workers N` (started by the parent).",
+    )
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--ops-socket", required=True)
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    args = parser.parse_args(argv)
+
+    from gateway.cli import configure_logging, load_or_exit
+    from gateway.serve import run, serve
+
+    config = load_or_exit(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    configure_logging(config.log.level)
+    for handler in logging.getLogger().handlers:
+        if handler.formatter is not None:
+            handler.setFormatter(_WorkerFormatter(handler.formatter, args.index))
+    _exit_with_parent()
+    try:
+        ops_sock = _bind_unix(args.ops_socket)
+        run(
+            serve(
+                config,
+                host=args.host,
+                port=args.port,
+                reuse_port=True,
+                ops=False,
+                ops_sock=ops_sock,
+            )
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"error: worker {args.index} cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_LISTEN
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
