@@ -230,8 +230,19 @@ def bench_auth(table: Table) -> None:
         "IdentityResolver.resolve (hit, coroutine driven by hand)",
         lambda: run_sync(gateway.resolver.resolve(KEY)),
     )
+    positive = gateway.resolver._positive
+    table.time(
+        group, "  of which: TLRUCache.get (cachetools, hit)", lambda: positive.get(resolved.digest)
+    )
+    plain = {resolved.digest: resolved}
+    table.time(group, "  for scale: dict.get (hit)", lambda: plain.get(resolved.digest))
     table.time(
         group, "CapabilityMapper.grants (memoised)", lambda: parts.mapper.grants(resolved.identity)
+    )
+    table.time(
+        group,
+        "TokenMinter.token_for (reuse)",
+        lambda: gateway.minter.token_for(resolved.digest, resolved.identity, grants),
     )
     table.time(
         "capability check",
@@ -245,17 +256,6 @@ def bench_auth(table: Table) -> None:
         lambda: (fresh._verdicts.clear(), fresh.allows("execute:read_file")),
         "once per (grants, capability)",
     )
-    table.time(
-        group,
-        "TokenMinter.token_for (reuse)",
-        lambda: gateway.minter.token_for(resolved.digest, resolved.identity, grants),
-    )
-    positive = gateway.resolver._positive
-    table.time(
-        group, "  of which: TLRUCache.get (cachetools, hit)", lambda: positive.get(resolved.digest)
-    )
-    plain = {resolved.digest: resolved}
-    table.time(group, "  for scale: dict.get (hit)", lambda: plain.get(resolved.digest))
     loop.close()
 
 
@@ -416,7 +416,8 @@ def main() -> None:
     print("  where it is allocated (bytes per identity, by source line):")
     for site in memory["top_allocation_sites"]:
         if site["bytes_per_identity"] >= 8:
-            print(f"    {site['bytes_per_identity']:>6,}  {site['site']}")
+            note = "  (strings of the tower answer)" if site["site"].startswith("bench/") else ""
+            print(f"    {site['bytes_per_identity']:>6,}  {site['site']}{note}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": table.rows, "memory": memory}, indent=2))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 
 def _short(frame: str) -> str:
@@ -29,17 +29,25 @@ def _short(frame: str) -> str:
     return f"{name} ({path})"
 
 
+# A thread parked in one of these (a log writer waiting for lines) is idle, though py-spy
+# samples it as running; its stacks are left out.
+IDLE_LEAVES: Final = ("Condition.wait (threading.py", "Event.wait (threading.py")
+
+
 def summarize(path: Path | str, top: int = 40) -> dict[str, Any]:
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     self_lines: Counter[str] = Counter()
-    total = 0
+    total = idle = 0
     for line in Path(path).read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
         frames = stack.split(";")
+        if frames[-1].startswith(IDLE_LEAVES):
+            idle += n
+            continue
         total += n
         self_lines[frames[-1]] += n
         self_time[_short(frames[-1])] += n
@@ -57,6 +65,7 @@ def summarize(path: Path | str, top: int = 40) -> dict[str, Any]:
 
     return {
         "samples": total,
+        "idle_thread_samples": idle,
         "self": ranked(self_time),
         "self_lines": ranked(self_lines),
         "inclusive": ranked(inclusive),

@@ -16,7 +16,9 @@ CPU placement (2 cores): the proxy under test runs on core 0; wrk, the upstream
 and the fake tower share core 1. Rows are comparable because every proxy gets
 the same core to itself; the price is that the load core is shared, so a row
 that comes close to row (a) is limited by the upstream and wrk, not by the proxy.
-The `--workers 2` row is not pinned (its processes may use both cores).
+The `--workers 2` row is not pinned (its processes may use both cores). As root,
+every process runs at nice -10 so other work on the machine disturbs it less; the
+`bg cpu` column shows how much other work there was during each row.
 
 Results: <out>/<timestamp>.json, <out>/latest.json and <out>/latest.png. Every
 process started here is stopped on exit, on error and on Ctrl-C.
@@ -51,6 +53,7 @@ BENCH_DIR: Final = Path(__file__).resolve().parent
 ROOT: Final = BENCH_DIR.parent
 WRK_DIR: Final = BENCH_DIR / "wrk"
 sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(1, str(ROOT))
 
 from pyspy_summary import format_summary, summarize  # noqa: E402
 
@@ -376,6 +379,22 @@ def metric_total(metrics: dict[str, float], name: str, **labels: str) -> float:
     return total
 
 
+def _label_deltas(
+    before: dict[str, float], after: dict[str, float], name: str, label: str
+) -> dict[str, int]:
+    """Per value of `label`, how much the samples of `name` grew (summed over other labels)."""
+    pattern = re.compile(rf'{label}="([^"]*)"')
+    out: dict[str, int] = {}
+    for key, value in after.items():
+        base, _, rest = key.partition("{")
+        match = pattern.search(rest)
+        if base == name and match:
+            grown = int(value - before.get(key, 0.0))
+            if grown:
+                out[match.group(1)] = out.get(match.group(1), 0) + grown
+    return out
+
+
 def scrape_metrics(ops_url: str) -> dict[str, float]:
     status, body = http_get(ops_url + "/metrics")
     if status != 200:
@@ -429,13 +448,28 @@ class Row:
     jwt_minted: int | None = None
     peak_rss_mb: float | None = None
     foreign_cpu_cores: float | None = None
+    proxy_cpu_cores: list[float] = field(default_factory=list)  # per proxy process
+    cpu_us_per_request: float | None = None  # proxy CPU time per answered request
+    gateway_statuses: dict[str, int] = field(default_factory=dict)  # from its metrics
+    auth_outcomes: dict[str, int] = field(default_factory=dict)
     pinned: bool = True
     settle_s: float | None = None  # waited for other processes to quieten before the row
     latency_us: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
 
-ROW_ORDER: Final = ("a", "b", "b-rl", "c", "d", "e", "f", "g", "h")
+ROW_ORDER: Final = ("a", "b", "b-rl", "b-log", "c", "d", "e", "f", "g", "h")
+
+
+def gateway_config_keys(section: str) -> set[str]:
+    """The keys of one section of the gateway's config, read from its own schema, so the
+    generated config also suits a tree that has fewer (or more) settings."""
+    import dataclasses
+
+    from gateway import config
+
+    cls = {"log": config.LogConfig, "credentials": config.CredentialsConfig}[section]
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 # --------------------------------------------------------------------------- nginx
@@ -655,6 +689,7 @@ class Bench:
         pinned: bool = True,
         per_minute: float = 0,
         max_entries: int = 100_000,
+        logging_on: bool = False,
     ) -> Iterator[Proxy]:
         port, ops_port = free_port(), free_port()
         config = {
@@ -666,7 +701,14 @@ class Bench:
                 {"path": "/", "upstream": self.upstream_url, "require": ["execute:read_file"]}
             ],
             "rate_limit": {"default_per_minute": per_minute},
-            "log": {"access": False, "level": "WARNING"},
+            # The failed-authentication throttle is limiting too: off, like rate_limit, so
+            # thousands of new keys a second from one address (wrk) are measured, not refused.
+            **(
+                {"credentials": {"failed_auth_per_minute": 0}}
+                if "failed_auth_per_minute" in gateway_config_keys("credentials")
+                else {}
+            ),
+            "log": self.log_section(name, logging_on),
         }
         path = self.workdir / f"{name}.yaml"
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
@@ -681,6 +723,20 @@ class Bench:
             yield proxy
         finally:
             self.procs.stop(proc)
+
+    def log_section(self, name: str, logging_on: bool) -> dict[str, object]:
+        """Request logging off, so it does not dominate; or, for one row, on and written to
+        files. Keys the gateway's config does not have (an older tree) are left out."""
+        known = gateway_config_keys("log")
+        section: dict[str, object] = {"level": "WARNING", "access": logging_on}
+        if logging_on:
+            if "file" in known:
+                section["file"] = str(self.workdir / f"{name}-access.log")
+            if "audit" in known:
+                section["audit"] = str(self.workdir / f"{name}-audit.log")
+        elif "audit" in known:
+            section["audit"] = None
+        return {k: v for k, v in section.items() if k in known}
 
     @contextlib.contextmanager
     def bare_forwarder(self) -> Iterator[Proxy]:
@@ -760,11 +816,24 @@ class Bench:
         metrics_before = scrape_metrics(ops) if ops else {}
         reset_peak_rss(pids)
         cpu = self.cpu.start()
+        ticks = {pid: _proc_ticks(pid) for pid in pids}
         result = self.wrk(url, script, script_args, duration=self.args.duration)
+        wall = time.monotonic() - cpu[0]
         row.foreign_cpu_cores = round(self.cpu.foreign_cores(cpu), 3)
+        if pids:
+            # CPU of each proxy process over the row, in cores: 1.0 is a saturated core.
+            row.proxy_cpu_cores = [
+                round((_proc_ticks(pid) - before) / CLK_TCK / wall, 2)
+                for pid, before in ticks.items()
+            ]
         if pids:
             row.peak_rss_mb = round(rss_mb(proxy.pids() if proxy else pids, "VmHWM"), 1)
         tower_after = self.tower_count()
+        if pids and result.requests:
+            # Less sensitive than req/s to other work on the machine taking turns on the core.
+            row.cpu_us_per_request = round(
+                sum(row.proxy_cpu_cores) * wall / result.requests * 1e6, 1
+            )
         row.rps = round(result.rps, 1)
         row.requests = result.requests
         row.errors = result.errors
@@ -783,6 +852,12 @@ class Bench:
                         metrics_before, name, **labels
                     )
 
+                row.gateway_statuses = _label_deltas(
+                    metrics_before, metrics_after, "tower_gateway_requests_total", "status"
+                )
+                row.auth_outcomes = _label_deltas(
+                    metrics_before, metrics_after, "tower_gateway_auth_total", "outcome"
+                )
                 hits = delta("tower_gateway_cache_hits_total")
                 misses = delta("tower_gateway_cache_misses_total")
                 row.hit_ratio = round(hits / (hits + misses), 4) if hits + misses else None
@@ -793,7 +868,10 @@ class Bench:
         else:
             row.hit_ratio_source = None
         if result.failed:
-            say(f"  row {row.id}: {result.failed} failed requests {result.errors}")
+            say(
+                f"  row {row.id}: {result.failed} failed requests {result.errors}; gateway "
+                f"statuses {row.gateway_statuses}, auth outcomes {row.auth_outcomes}"
+            )
         return row
 
     def run_row(self, row: Row, fn: Callable[[Row], Row]) -> None:
@@ -827,36 +905,6 @@ class Bench:
 
         self.run_row(Row("f", "bare aiohttp forwarder, no auth (Python ceiling)", auth=False), bare)
 
-        nginx = ensure_binary("nginx", "nginx")
-        want_nginx = not self.args.rows or {"g", "h"} & set(self.args.rows)
-        if nginx is None:
-            for rid, label in (("g", "nginx reverse proxy"), ("h", "nginx auth_request")):
-                self.rows[rid] = Row(rid, label, auth=rid == "h", error="nginx not available")
-        elif want_nginx:
-            try:
-                with self.nginx(nginx) as (plain, auth):
-                    self.run_row(
-                        Row("g", "nginx reverse proxy", auth=False),
-                        lambda r: self.measure(
-                            r, plain.url, "cached.lua", [CACHED_KEY], proxy=plain
-                        ),
-                    )
-                    self.run_row(
-                        Row(
-                            "h",
-                            "nginx auth_request + proxy_cache, cached key",
-                            auth=True,
-                            hit_ratio_source="tower",
-                        ),
-                        lambda r: self.measure(r, auth.url, "cached.lua", [CACHED_KEY], proxy=auth),
-                    )
-            except BenchError as exc:
-                say(f"nginx failed: {exc}")
-                for rid in ("g", "h"):
-                    self.rows.setdefault(
-                        rid, Row(rid, "nginx", auth=rid == "h", error=str(exc).splitlines()[0])
-                    )
-
         def cached(r: Row) -> Row:
             with self.gateway("gateway-b") as gw:
                 self.measure(r, gw.url, "cached.lua", [CACHED_KEY], proxy=gw)
@@ -881,6 +929,20 @@ class Bench:
                 hit_ratio_source="metrics",
             ),
             limited,
+        )
+
+        def logged(r: Row) -> Row:
+            with self.gateway("gateway-log", logging_on=True) as gw:
+                return self.measure(r, gw.url, "cached.lua", [CACHED_KEY], proxy=gw)
+
+        self.run_row(
+            Row(
+                "b-log",
+                "gateway, cached key, access + audit log to files",
+                auth=True,
+                hit_ratio_source="metrics",
+            ),
+            logged,
         )
 
         def workers(r: Row) -> Row:
@@ -932,6 +994,36 @@ class Bench:
             ),
             zipf,
         )
+
+        nginx = ensure_binary("nginx", "nginx")
+        want_nginx = not self.args.rows or {"g", "h"} & set(self.args.rows)
+        if nginx is None:
+            for rid, label in (("g", "nginx reverse proxy"), ("h", "nginx auth_request")):
+                self.rows[rid] = Row(rid, label, auth=rid == "h", error="nginx not available")
+        elif want_nginx:
+            try:
+                with self.nginx(nginx) as (plain, auth):
+                    self.run_row(
+                        Row("g", "nginx reverse proxy", auth=False),
+                        lambda r: self.measure(
+                            r, plain.url, "cached.lua", [CACHED_KEY], proxy=plain
+                        ),
+                    )
+                    self.run_row(
+                        Row(
+                            "h",
+                            "nginx auth_request + proxy_cache, cached key",
+                            auth=True,
+                            hit_ratio_source="tower",
+                        ),
+                        lambda r: self.measure(r, auth.url, "cached.lua", [CACHED_KEY], proxy=auth),
+                    )
+            except BenchError as exc:
+                say(f"nginx failed: {exc}")
+                for rid in ("g", "h"):
+                    self.rows.setdefault(
+                        rid, Row(rid, "nginx", auth=rid == "h", error=str(exc).splitlines()[0])
+                    )
 
         if not self.args.skip_memory:
             try:
@@ -1046,6 +1138,7 @@ class Bench:
             "cached": ("cached.lua", [CACHED_KEY]),
             "cold": ("cold.lua", [COLD_BASE + 500_000_000]),
             "zipf": ("zipf.lua", [ZIPF_KEYS, ZIPF_S, ZIPF_BASE]),
+            "bare": ("cached.lua", [CACHED_KEY]),  # the bare forwarder, for comparison
         }
         script, script_args = scripts[scenario]
         seconds = self.args.profile_seconds
@@ -1053,7 +1146,12 @@ class Bench:
         suffix = "" if scenario == "cached" else f"-{scenario}"
         raw, svg = out / f"profile{suffix}.txt", out / f"profile{suffix}.svg"
         say(f"profile ({scenario}): py-spy for 2 x {seconds}s under load ...")
-        with self.gateway(f"gateway-profile-{scenario}", max_entries=1_000_000) as gw:
+        target = (
+            self.bare_forwarder()
+            if scenario == "bare"
+            else self.gateway(f"gateway-profile-{scenario}", max_entries=1_000_000)
+        )
+        with target as gw:
             self.wrk(gw.url, "cached.lua", [WARM_KEY], duration=1)
             load = self.procs.start(
                 "wrk-profile",
@@ -1103,7 +1201,8 @@ class Bench:
             **summary,
         }
         print(
-            f"\nprofile ({scenario}, gateway under wrk -c{self.args.connections}; "
+            f"\nprofile ({scenario}, {'bare forwarder' if scenario == 'bare' else 'gateway'} "
+            f"under wrk -c{self.args.connections}; "
             f"{summary['samples']} samples, idle excluded):"
         )
         print(format_summary(summary, top=self.args.profile_top))
@@ -1116,11 +1215,17 @@ def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _cpu(cores: Sequence[float]) -> str:
+    """Busy processes only (a gateway's supervisor or nginx's master idle at ~0)."""
+    busy = [c for c in cores if c >= 0.05]
+    return "+".join(f"{c:.2f}" for c in busy) if busy else "-"
+
+
 def format_table(rows: dict[str, Row]) -> str:
     header = (
         f"{'row':<5} {'scenario':<49} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} "
         f"{'p99 ms':>7} {'/(f)':>6} {'/(h)':>6} {'tower':>7} {'hit':>7} {'RSS MB':>7} "
-        f"{'fail':>5} {'bg cpu':>6}"
+        f"{'fail':>5} {'cpu':>9} {'µs/req':>6} {'bg cpu':>6}"
     )
     lines = [header, "-" * len(header)]
     for rid in ROW_ORDER:
@@ -1139,8 +1244,8 @@ def format_table(rows: dict[str, Row]) -> str:
             f"{_fmt(row.p50_ms, '.2f'):>7} {_fmt(row.p90_ms, '.2f'):>7} "
             f"{_fmt(row.p99_ms, '.2f'):>7} {_fmt(row.vs_bare, '.2f'):>6} "
             f"{_fmt(row.vs_nginx_auth, '.2f'):>6} {_fmt(row.tower_calls, ',d'):>7} {hit:>7} "
-            f"{_fmt(row.peak_rss_mb, '.1f'):>7} {fails:>5} "
-            f"{_fmt(row.foreign_cpu_cores, '.2f'):>6}"
+            f"{_fmt(row.peak_rss_mb, '.1f'):>7} {fails:>5} {_cpu(row.proxy_cpu_cores):>9} "
+            f"{_fmt(row.cpu_us_per_request, '.0f'):>6} {_fmt(row.foreign_cpu_cores, '.2f'):>6}"
         )
     return "\n".join(lines)
 
@@ -1178,7 +1283,13 @@ def format_extra(extra: dict[str, Any], rows: dict[str, Row]) -> str:
         lines.append(f"memory: failed: {mem['error']}")
     b, f, c, d = rows.get("b"), rows.get("f"), rows.get("c"), rows.get("d")
     if b and f and b.rps and f.rps:
-        lines.append(f"gateway (b) / bare forwarder (f): {b.rps / f.rps:.2f}")
+        by_cpu = (
+            f"; by CPU per request {f.cpu_us_per_request / b.cpu_us_per_request:.2f} "
+            f"({b.cpu_us_per_request:.0f} vs {f.cpu_us_per_request:.0f} µs)"
+            if b.cpu_us_per_request and f.cpu_us_per_request
+            else ""
+        )
+        lines.append(f"gateway (b) / bare forwarder (f): req/s {b.rps / f.rps:.2f}{by_cpu}")
     if b and c and b.rps and c.rps:
         lines.append(f"--workers 2 speedup (c)/(b): {c.rps / b.rps:.2f}x")
     if d and d.rps and d.tower_calls is not None:
@@ -1197,6 +1308,7 @@ def format_extra(extra: dict[str, Any], rows: dict[str, Row]) -> str:
         "columns: /(f), /(h) = req/s relative to the bare forwarder and to nginx auth_request; "
         "tower = tower calls during the row; hit = cache hit ratio from the gateway's counters "
         "(~ = 1 - tower calls / requests); RSS = peak RSS of the proxy processes; "
+        "cpu = cores used by each busy proxy process; µs/req = proxy CPU time per request; "
         "bg cpu = cores used by processes outside the benchmark"
     )
     return "\n".join(lines)
@@ -1240,6 +1352,7 @@ def _short_label(row: Row) -> str:
     return {
         "a": "upstream",
         "b": "gateway\ncached",
+        "b-log": "gateway\n+logging",
         "b-rl": "gateway\n+rate limit",
         "c": "gateway\n2 workers",
         "d": "gateway\ncold keys",
@@ -1297,10 +1410,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="3 s rows, 20k identities for the memory measurement"
     )
     parser.add_argument("--duration", type=float, help="seconds per row (default 10; quick 3)")
-    parser.add_argument("--warmup", type=float, help="seconds of warm-up per row (default 2)")
+    parser.add_argument("--warmup", type=float, help="seconds of warm-up per row (default 1)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
     parser.add_argument("--out", default=str(BENCH_DIR / "results"), help="results folder")
-    parser.add_argument("--rows", help="only these rows, comma-separated (a,b,b-rl,c,d,e,f,g,h)")
+    parser.add_argument(
+        "--rows", help="only these rows, comma-separated (a,b,b-rl,b-log,c,d,e,f,g,h)"
+    )
     parser.add_argument(
         "--memory-keys",
         type=int,
@@ -1337,7 +1452,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile",
         nargs="?",
         const="cached",
-        help="also run py-spy on the gateway: cached, cold, zipf (comma-separated; default cached)",
+        help="also run py-spy under load: cached, cold, zipf (the gateway), bare (the bare "
+        "forwarder, for comparison); comma-separated, default cached",
     )
     parser.add_argument("--profile-seconds", type=float, default=8.0)
     parser.add_argument("--profile-top", type=int, default=20)
@@ -1356,20 +1472,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--settle",
         type=float,
-        default=5.0,
+        default=3.0,
         help="before each row, wait up to this many seconds for other "
-        "processes to use under --quiet-below cores (5; 0 = never)",
+        "processes to use under --quiet-below cores (3; 0 = never)",
     )
     parser.add_argument("--quiet-below", type=float, default=0.15)
     args = parser.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
-    args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    args.warmup = args.warmup if args.warmup is not None else 1.0
     args.memory_keys = args.memory_keys or (20_000 if args.quick else 100_000)
     args.one_connection_duration = args.one_connection_duration or (2.0 if args.quick else 5.0)
     args.rows = [r.strip() for r in args.rows.split(",")] if args.rows else None
     args.profile = [p.strip() for p in args.profile.split(",")] if args.profile else None
     for scenario in args.profile or ():
-        if scenario not in ("cached", "cold", "zipf"):
+        if scenario not in ("cached", "cold", "zipf", "bare"):
             parser.error(f"--profile: unknown scenario {scenario!r}")
     if args.connections < 1 or args.duration <= 0:
         parser.error("--connections and --duration must be positive")
@@ -1387,6 +1503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Also when started in the background, where a shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     started = time.monotonic()
@@ -1424,10 +1542,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     text = json.dumps(report, indent=2)
     (out / f"{stamp}.json").write_text(text)
-    (out / "latest.json").write_text(text)
-    chart = write_chart(bench.rows, out / "latest.png")
-    if chart:
-        shutil.copyfile(out / "latest.png", out / f"{stamp}.png")
+    chart = False
+    if bench.rows:  # a profile-only run leaves the last table's latest.* alone
+        (out / "latest.json").write_text(text)
+        chart = write_chart(bench.rows, out / "latest.png")
+        if chart:
+            shutil.copyfile(out / "latest.png", out / f"{stamp}.png")
     meta = report["meta"]
     pin = meta["pinning"]
     print()
@@ -1443,11 +1563,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         + f"; wrk -t1 -c{args.connections}, {args.duration:g}s per row "
         f"after {args.warmup:g}s warm-up"
     )
-    print(format_table(bench.rows))
-    print()
+    if bench.rows:
+        print(format_table(bench.rows))
+        print()
     print(format_extra(bench.extra, bench.rows))
     print(
-        f"\nresults: {out / (stamp + '.json')}, {out / 'latest.json'}"
+        f"\nresults: {out / (stamp + '.json')}"
+        + (f", {out / 'latest.json'}" if bench.rows else "")
         + (f", {out / 'latest.png'}" if chart else "")
         + f"  (total {report['elapsed_s']:g}s)"
     )

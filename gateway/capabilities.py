@@ -8,6 +8,7 @@ requirement, so no tower answer can widen itself into `*`.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -21,6 +22,8 @@ log = logging.getLogger("tower_gateway.capabilities")
 # Distinct (role, scopes) combinations are few in practice; the bound only
 # stops a hostile tower from growing the memo without limit.
 MAX_MEMO: Final = 10_000
+# What fnmatch reads as pattern syntax.
+_GLOB_CHARS: Final = re.compile(r"[*?\[\]]")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -42,6 +45,16 @@ class Grants:
             if len(self._verdicts) < MAX_MEMO:
                 self._verdicts[required] = verdict
         return verdict
+
+    @property
+    def claimed(self) -> tuple[str, ...]:
+        """`caps` as the JWT states them, for upstreams that read every cap as a glob.
+
+        A raw tower scope with glob characters (`*`, `admin:*`, `[a]dmin:full`) is a
+        literal here, but in a token it would read as a glob and widen itself; it is
+        left out of `caps` (the `scopes` claim still lists it as the tower sent it).
+        """
+        return tuple(c for c in self.caps if c in self.globs or not _GLOB_CHARS.search(c))
 
     def missing(self, required: tuple[str, ...]) -> str | None:
         """The first required capability these grants lack, or `None`."""

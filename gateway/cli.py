@@ -1,4 +1,4 @@
-"""The `tower-gateway` command: serve, check-config, demo, keys, tower serve."""
+"""The `tower-gateway` command: serve, check-config, demo, keys, tower serve, explain."""
 
 from __future__ import annotations
 
@@ -132,9 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
+    from gateway.explain_cli import register as register_explain
     from gateway.keys_cli import register
 
     register(sub)
+    register_explain(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ value after parsing, so secrets never have to be YAML-safe.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import types
@@ -60,7 +61,10 @@ def _port(v: int) -> str | None:
 def _http_url(v: str | None) -> str | None:
     if v is None:
         return None
-    parts = urlsplit(v)
+    try:
+        parts = urlsplit(v)
+    except ValueError:  # `http://[::1`: an IPv6 literal that does not close
+        return "not a URL (http:// or https://)"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "not a URL (http:// or https://)"
     if parts.query or parts.fragment or parts.username or parts.password:
@@ -75,7 +79,11 @@ def _http_url(v: str | None) -> str | None:
 def _redis_url(v: str | None) -> str | None:
     if v is None:
         return None
-    return None if urlsplit(v).scheme in ("redis", "rediss", "unix") else "not a redis:// URL"
+    try:
+        scheme = urlsplit(v).scheme
+    except ValueError:
+        scheme = ""
+    return None if scheme in ("redis", "rediss", "unix") else "not a redis:// URL"
 
 
 def _one_of(*choices: str) -> Check:
@@ -144,7 +152,9 @@ class TowerConfig:
     secret: str | None = None
     timeout: float = _check(_positive, 2.0)
     connect_timeout: float | None = _check(_positive, None)
-    max_connections: int = _check(_positive, 100)
+    # httpx checks every pooled connection on each request: a pool sized to the
+    # concurrency bound keeps that scan short.
+    max_connections: int = _check(_positive, 32)
     local: LocalTowerConfig | None = None
     # Resilience of the remote tower client (gateway/tower/resilient.py).
     retries: int = _check(_non_negative, 2)
@@ -153,7 +163,7 @@ class TowerConfig:
     budget: float | None = _check(_positive, None)  # all attempts together; null = timeout
     breaker_threshold: int = _check(_positive, 5)  # consecutive faults that open the circuit
     breaker_reset: float = _check(_positive, 5.0)  # seconds open before one probe call
-    max_concurrency: int = _check(_positive, 64)  # tower calls in flight at once
+    max_concurrency: int = _check(_positive, 32)  # tower calls in flight at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +178,16 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyFormatConfig:
+    """Keys look like `<prefix>_<test|live>_<32 random><6 checksum>` (gateway.tower.keyformat)."""
+
+    prefix: str = _check(
+        lambda v: None if re.fullmatch(r"[a-z][a-z0-9]{0,15}", v) else "must be 1-16 of a-z0-9",
+        "tk",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class CredentialsConfig:
     sources: tuple[str, ...] = _check(
         lambda v: (
@@ -178,6 +198,12 @@ class CredentialsConfig:
         CREDENTIAL_SOURCES,
     )
     max_key_length: int = _check(_positive, 512)
+    # Failed authentications one client address may make a minute before it gets
+    # 429 too_many_failures (gateway.clientguard); 0 = no limit.
+    failed_auth_per_minute: float = _check(_non_negative, 60.0)
+    # The tower's key format, checked before the tower is asked; null = any key
+    # goes to the tower. Defaults to the embedded tower's prefix when it is used.
+    key_format: KeyFormatConfig | None = None
 
 
 def _default_roles() -> Mapping[str, str]:
@@ -258,10 +284,20 @@ class AdminConfig:
     webhook_secret: str | None = None
 
 
+def _log_target(v: str) -> str | None:
+    return None if v.strip() else "must be stdout, stderr or a file path"
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = _check(_one_of("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
     access: bool = True
+    # Where access lines go: null (stdout), stdout, stderr or a file path (appended to,
+    # reopened on SIGHUP so logrotate can move it).
+    file: str | None = _check(_log_target, None)
+    # Audit events (authentications, admin actions): stdout, stderr, a file path, or null
+    # for none; the most recent ones are kept for GET /admin/audit either way.
+    audit: str | None = _check(_log_target, "stdout")
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +368,29 @@ def _expand(node: Any, path: str, env: Mapping[str, str], refs: list[str] | None
         return value
 
     return _EnvStr(_ENV_REF.sub(substitute, node))
+
+
+MAX_CONFIG_VALUES: Final = 100_000
+MAX_CONFIG_DEPTH: Final = 32
+
+
+def _check_shape(data: Any) -> None:
+    """Bounds the document before it is walked recursively: YAML aliases can make a
+    small file a huge tree (each `*a` is a whole copy to walk) or a cycle (`&a [*a]`)."""
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError("", f"more than {MAX_CONFIG_VALUES} values (YAML aliases count)")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError("", f"nested deeper than {MAX_CONFIG_DEPTH} levels")
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+            stack.extend((key, depth + 1) for key in node)
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
 
 
 def _join(path: str, key: str) -> str:
@@ -409,7 +468,14 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"expected {_describe(tp)}")
         if tp is int and not isinstance(value, int):
             raise ConfigError(path, "expected an integer")
-        return tp(value)
+        try:
+            number = tp(value)
+        except OverflowError:  # an integer beyond any float
+            raise ConfigError(path, f"{_describe(tp)} out of range") from None
+        # inf or nan pass every "> 0" check and break later arithmetic (int(ttl)).
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ConfigError(path, "expected a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(path, "expected a string")
@@ -471,6 +537,17 @@ def _finish(cfg: Config, env: Mapping[str, str], base: Path) -> Config:
         if not db.is_absolute():
             db = base / db
         tower = _replace(tower, local=_replace(tower.local, db=str(db)))
+        prefix = tower.local.prefix if tower.local is not None else None
+        key_format = cfg.credentials.key_format
+        if key_format is None and prefix is not None:
+            # Every key the embedded tower issues has its prefix and checksum.
+            key_format = KeyFormatConfig(prefix=prefix)
+            cfg = _replace(cfg, credentials=_replace(cfg.credentials, key_format=key_format))
+        elif key_format is not None and key_format.prefix != prefix:
+            raise ConfigError(
+                "credentials.key_format.prefix",
+                f"must be the embedded tower's prefix ({prefix!r})",
+            )
 
     jwt = cfg.jwt
     if jwt.algorithm.startswith("HS"):
@@ -524,7 +601,30 @@ def _finish(cfg: Config, env: Mapping[str, str], base: Path) -> Config:
     if cfg.rate_limit.backend == "redis" and not cfg.redis.url:
         raise ConfigError("rate_limit.backend", "redis needs redis.url")
 
-    return _replace(cfg, tower=tower, jwt=jwt, admin=admin, routes=tuple(routes))
+    log = _replace(
+        cfg.log,
+        file=_log_path(cfg.log.file, "log.file", base),
+        audit=_log_path(cfg.log.audit, "log.audit", base),
+    )
+    return _replace(cfg, tower=tower, jwt=jwt, admin=admin, routes=tuple(routes), log=log)
+
+
+LOG_STREAMS: Final = ("stdout", "stderr")
+
+
+def _log_path(target: str | None, key: str, base: Path) -> str | None:
+    """A log file path made absolute (relative to the config file), checked to be writable
+    where it will be created; `stdout`, `stderr` and null pass through."""
+    if target is None or target in LOG_STREAMS:
+        return target
+    path = Path(target)
+    if not path.is_absolute():
+        path = base / path
+    if path.is_dir():
+        raise ConfigError(key, f"{path} is a directory")
+    if not path.parent.is_dir():
+        raise ConfigError(key, f"directory {path.parent} does not exist")
+    return str(path)
 
 
 def _route_name(path: str) -> str:
@@ -555,6 +655,7 @@ def parse_config(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("", "the top level must be a mapping")
+    _check_shape(data)
     expanded = _expand(data, "", env, refs)
     cfg = _build(Config, expanded, "")
     cfg = _finish(cfg, env, base or Path.cwd())
@@ -588,6 +689,10 @@ def parse_config_text(
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError("", f"{source} is not valid YAML{where}") from None
+    except ValueError:  # a scalar YAML resolves but cannot build: `2001-02-30`
+        raise ConfigError("", f"{source} has a value YAML cannot read (a date?)") from None
+    except RecursionError:
+        raise ConfigError("", f"{source} is nested too deeply") from None
     return parse_config(data, env=env, base=base, source=source, refs=refs)
 
 

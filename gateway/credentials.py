@@ -68,6 +68,20 @@ class CredentialExtractor:
             found = key
         return found
 
+    def candidates(self, headers: CIMultiDictProxy[str]) -> tuple[str, ...]:
+        """Every value the sources hold that would be read as a key, unchecked: what must
+        never reach the upstream, whether or not the request is authenticated."""
+        found: list[str] = []
+        for source, header in self._headers:
+            for value in headers.getall(header, ()):
+                if source == "authorization":
+                    scheme, _, value = value.strip().partition(" ")
+                    if scheme.lower() not in KEY_SCHEMES:
+                        continue
+                if value.strip():
+                    found.append(value.strip())
+        return tuple(found)
+
     def carried_key(self, source: str, value: str) -> bool:
         """Whether this header value is a key (so it must not reach the upstream)."""
         try:

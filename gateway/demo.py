@@ -26,6 +26,7 @@ from aiohttp import web
 from gateway.app import Gateway
 from gateway.config import Config, load_config, parse_config_text
 from gateway.errors import ConfigError
+from gateway.httpserver import GatewayRunner
 
 DEMO_USER: Final = "demo-user"
 DEMO_ROLE: Final = "operator"
@@ -138,7 +139,7 @@ async def _run(config: Config, key: str, self_test: bool) -> int:
 
     runners = [
         web.AppRunner(create_demo_upstream(jwt_verify=verify), access_log=None),
-        web.AppRunner(
+        GatewayRunner(
             gateway.proxy_app(), access_log=None, shutdown_timeout=config.server.shutdown_timeout
         ),
         web.AppRunner(gateway.ops_app(), access_log=None),

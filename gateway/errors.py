@@ -3,16 +3,20 @@
     GatewayError                      status  reason id
     ├── BadRequest                    400     malformed_request, conflicting_keys,
     │                                         repeated_key, malformed_key, bad_path,
-    │                                         key_in_query
+    │                                         key_in_query, bad_method
     ├── MissingKey                    401     missing_key
     ├── InvalidKey                    401     invalid_key, expired_key, revoked_key
     ├── Forbidden                     403     missing_capability, origin_not_allowed
     ├── NotFound                      404     no_route
+    ├── MethodNotAllowed              405     method_not_allowed
     ├── PayloadTooLarge               413     body_too_large
-    ├── RateLimited                   429     rate_limited
+    ├── RateLimited                   429     rate_limited, too_many_failures
     ├── UpstreamUnavailable           502     upstream_unavailable
     ├── TowerUnavailable              503     tower_unavailable
     └── UpstreamTimeout               504     upstream_timeout
+
+An error raised with `close=True` also closes the client's connection: after a
+request whose framing is in doubt, nothing more may be read from it.
 
 `TowerFault` is not a client error: it is what a tower client raises when the
 tower could not give a trustworthy answer; the identity layer turns it into a
@@ -37,11 +41,13 @@ class GatewayError(Exception):
         *,
         reason: str | None = None,
         headers: Mapping[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.reason = reason or self.default_reason
         self.headers: Mapping[str, str] = headers or {}
+        self.close = close
 
 
 class BadRequest(GatewayError):
@@ -67,6 +73,11 @@ class Forbidden(GatewayError):
 class NotFound(GatewayError):
     status = 404
     default_reason = "no_route"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    default_reason = "method_not_allowed"
 
 
 class PayloadTooLarge(GatewayError):

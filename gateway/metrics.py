@@ -9,7 +9,8 @@ and reason ids, status codes; never a key, a user or a path.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
 from prometheus_client import (
@@ -94,6 +95,23 @@ class _StatsCollector(Collector):
         yield entries
 
 
+class _DroppedLinesCollector(Collector):
+    """Log lines dropped by a full or failing sink, per log, read from the writers."""
+
+    def __init__(self, read: Callable[[], Mapping[str, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            PREFIX + "log_lines_dropped",
+            "Log lines dropped because the sink was full or failing, by log",
+            labels=["log"],
+        )
+        for name, value in self._read().items():
+            family.add_metric([name], value)
+        yield family
+
+
 class Metrics:
     """Every metric of the gateway. Tests pass a fresh `CollectorRegistry`."""
 
@@ -166,6 +184,31 @@ class Metrics:
             ["route", "outcome"],
             registry=registry,
         )
+        self.config_reloads = Counter(
+            PREFIX + "config_reloads",
+            "Config reloads (SIGHUP, POST /admin/reload) by outcome: success, failure",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("success", "failure"):
+            self.config_reloads.labels(outcome)  # both series exist from the start, at 0
+        self.config_last_success = Gauge(
+            PREFIX + "config_last_reload_success_timestamp_seconds",
+            "When the config in effect was loaded (start or last successful reload)",
+            registry=registry,
+        )
+        self.config_last_success.set(time.time())
+        self.config_last_ok = Gauge(
+            PREFIX + "config_last_reload_successful",
+            "1 when the last reload succeeded or none was tried, 0 when it failed",
+            registry=registry,
+        )
+        self.config_last_ok.set(1)
+        self.config_restart_pending = Gauge(
+            PREFIX + "config_restart_pending",
+            "Settings changed in the file that only a restart applies",
+            registry=registry,
+        )
         self.build = Info(PREFIX + "build", "Build information", registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})
         self._request_children: dict[tuple[str, int], Counter] = {}
@@ -173,6 +216,9 @@ class Metrics:
 
     def watch(self, read: Callable[[], tuple[CacheStats, int, int, int, int]]) -> None:
         self.registry.register(_StatsCollector(read))
+
+    def watch_logs(self, read: Callable[[], Mapping[str, int]]) -> None:
+        self.registry.register(_DroppedLinesCollector(read))
 
     def tower_call(self, outcome: str, seconds: float) -> None:
         self.tower_requests.labels(outcome).inc()

@@ -1,7 +1,9 @@
 """The ops listener: metrics, health, readiness, JWKS and the admin API.
 
 `/admin/*` needs `Authorization: Bearer {admin.token}` (compared in constant
-time); with no admin token configured it does not exist (404).
+time); with no admin token configured it does not exist (404). The cache
+endpoints are here; audit, config, explain and reload are in `gateway.admin`.
+Every admin action, and every refused admin request, is an audit event.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.shared import revocation_webhook
+from gateway.admin import add_admin_routes, admin_client, audited_webhook
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -77,8 +79,11 @@ class Readiness:
         return ready, checks
 
 
-def admin_guard(token: str | None) -> Callable[[Handler], Handler]:
-    """Wrap `/admin/*` handlers: 404 with no token configured, 401 without the bearer."""
+def admin_guard(
+    token: str | None, *, on_denied: Callable[[web.Request], None] | None = None
+) -> Callable[[Handler], Handler]:
+    """Wrap `/admin/*` handlers: 404 with no token configured, 401 without the bearer
+    (reported to `on_denied`, never with what was sent)."""
 
     def admin(handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
@@ -86,9 +91,12 @@ def admin_guard(token: str | None) -> Callable[[Handler], Handler]:
                 return _error(404, "not_found", "admin API disabled: no admin token configured")
             scheme, _, provided = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
             # compare_digest: the time taken must not reveal how much of the token matched.
+            # surrogateescape: a header that is not UTF-8 is a wrong token, not a crash.
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                provided.strip().encode(), token.encode()
+                provided.strip().encode("utf-8", "surrogateescape"), token.encode()
             ):
+                if on_denied is not None:
+                    on_denied(request)
                 return _error(401, "unauthorized", "admin endpoints need the admin bearer token")
             return await handler(request)
 
@@ -117,18 +125,31 @@ def create_ops_app(gateway: Gateway) -> web.Application:
     async def jwks(_request: web.Request) -> web.Response:
         return _json(gateway.minter.jwks())
 
-    admin = admin_guard(token)
+    def denied(request: web.Request) -> None:
+        gateway.audit.admin(
+            "admin_denied",
+            client=admin_client(request),
+            ok=False,
+            method=request.method,
+            path=request.path,
+        )
+
+    admin = admin_guard(token, on_denied=denied)
 
     async def cache_stats(_request: web.Request) -> web.Response:
         return _json(gateway.resolver.snapshot())
 
-    async def cache_clear(_request: web.Request) -> web.Response:
+    async def cache_clear(request: web.Request) -> web.Response:
         await gateway.revoke_all()
+        gateway.audit.admin("cache_clear", client=admin_client(request))
         return _json({"cleared": True})
 
     async def cache_drop(request: web.Request) -> web.Response:
         key_id = request.match_info["key_id"]
         dropped = await gateway.revoke_key_ids([key_id])
+        gateway.audit.admin(
+            "cache_drop", client=admin_client(request), key_id=key_id, dropped=dropped
+        )
         return _json({"key_id": key_id, "dropped_entries": dropped})
 
     app.router.add_get("/metrics", metrics)
@@ -138,6 +159,6 @@ def create_ops_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/admin/cache", admin(cache_stats))
     app.router.add_delete("/admin/cache", admin(cache_clear))
     app.router.add_delete("/admin/cache/{key_id}", admin(cache_drop))
-    webhook = revocation_webhook(gateway.config.admin.webhook_secret, gateway.revoke_key_ids)
-    app.router.add_post("/admin/revocations", admin(webhook))
+    app.router.add_post("/admin/revocations", admin(audited_webhook(gateway)))
+    add_admin_routes(app, gateway, admin)
     return app

@@ -24,10 +24,12 @@ from aiohttp import (
     hdrs,
     web,
 )
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.errors import PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import BadRequest, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.routes import Route
 
 log = logging.getLogger("tower_gateway.proxy")
@@ -86,6 +88,7 @@ IDENTITY_HEADERS: Final = frozenset(
 )
 IDENTITY_PREFIXES: Final = ("x-auth-", "x-gateway-", "x-tower-")
 RESPONSE_DROP: Final = HOP_BY_HOP | {"content-length"}
+MIN_SCRUBBED_KEY: Final = 8
 CHUNK: Final = 64 * 1024
 
 
@@ -123,6 +126,20 @@ class HeaderPolicy:
                 continue
             out.add(name, value)
         return out
+
+    @staticmethod
+    def scrub(headers: CIMultiDict[str], keys: Iterable[str]) -> None:
+        """Drops every header whose value holds one of `keys`: a key sent twice, once in a
+        header the gateway does not read (`Api-Key`, a cookie), still never reaches the
+        upstream. Keys shorter than MIN_SCRUBBED_KEY are no real keys and are skipped, so a
+        stray short value cannot strip unrelated headers."""
+        needles = [key for key in keys if len(key) >= MIN_SCRUBBED_KEY]
+        if not needles:
+            return
+        kept = [(n, v) for n, v in headers.items() if not any(k in v for k in needles)]
+        if len(kept) != len(headers):
+            headers.clear()
+            headers.extend(kept)
 
 
 def connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
@@ -200,6 +217,13 @@ class Forwarder:
             # not the exception type, says the client sent too much.
             if state.too_large:
                 raise PayloadTooLarge(f"request body larger than {self._max_body} bytes") from None
+            if state.client_failed:
+                # The client's body broke its own framing (or the client left): the
+                # upstream got a cut-off request, the client a 400, and nothing more
+                # is read from this connection.
+                raise BadRequest(
+                    "the request body is malformed or incomplete", close=True
+                ) from None
             if isinstance(exc, TimeoutError):
                 raise UpstreamTimeout(
                     f"upstream did not answer within {route.config.timeout:g}s"
@@ -210,7 +234,15 @@ class Forwarder:
 
     async def _body(self, request: web.BaseRequest, state: _BodyState) -> AsyncIterator[bytes]:
         limit, seen = self._max_body, 0
-        async for chunk in request.content.iter_any():
+        chunks = request.content.iter_any()
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except (RequestPayloadError, HttpProcessingError, ConnectionError):
+                state.client_failed = True
+                raise _TooLarge from None
             state.progress()
             seen += len(chunk)
             if limit is not None and seen > limit:
@@ -255,17 +287,18 @@ class Forwarder:
 
 
 class _TooLarge(Exception):
-    """Raised inside the streamed request body when it passes `max_body_size`."""
+    """Raised inside the streamed request body to stop it: past `max_body_size`, or broken."""
 
 
 class _BodyState:
     """What the streamed request body tells `forward` while it is being sent."""
 
-    __slots__ = ("deadline", "timeout", "too_large")
+    __slots__ = ("client_failed", "deadline", "timeout", "too_large")
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.too_large = False  # passed `max_body_size`
+        self.client_failed = False  # the client's body was malformed or cut off
         self.deadline: asyncio.Timeout | None = None
 
     def progress(self) -> None:

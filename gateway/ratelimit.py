@@ -172,6 +172,18 @@ class MemoryRateLimiter:
         self._evict(now)
         return decision
 
+    def refund(self, bucket: str, per_minute: float) -> None:
+        """Gives back one request that `decide` allowed (it turned out not to count)."""
+        tat = self._tats.get(bucket)
+        if tat is None:
+            return
+        interval, _ = _plan(per_minute, self._burst)
+        tat -= interval
+        if tat > self._clock():
+            self._tats[bucket] = tat
+        else:
+            del self._tats[bucket]  # full again: the same as no bucket at all
+
     async def hit(self, bucket: str, per_minute: float) -> Decision:
         return self.decide(bucket, per_minute)
 

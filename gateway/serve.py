@@ -1,4 +1,8 @@
-"""Run a gateway: the proxy and ops listeners, signals, and a bounded graceful drain."""
+"""Run a gateway: the proxy and ops listeners, signals, and a bounded graceful drain.
+
+SIGTERM/SIGINT stop it; SIGHUP reloads the config file (`gateway.reload`) and
+reopens the log files.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from aiohttp import web
 
 from gateway.app import Gateway
 from gateway.config import Config
+from gateway.httpserver import GatewayRunner
+from gateway.reload import shadow_routes
 
 log = logging.getLogger("tower_gateway.serve")
 
@@ -34,14 +40,14 @@ async def serve(
     as well (a worker's private listener, scraped by its supervisor).
     """
     gateway = Gateway(config)
-    proxy_runner = web.AppRunner(
+    proxy_runner = GatewayRunner(
         gateway.proxy_app(),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=config.server.shutdown_timeout,
     )
     await proxy_runner.setup()
-    ops_runner = web.AppRunner(gateway.ops_app(), access_log=None, handle_signals=False)
+    ops_runner = GatewayRunner(gateway.ops_app(), access_log=None, handle_signals=False)
     await ops_runner.setup()
     try:
         if sock is not None:
@@ -69,9 +75,14 @@ async def serve(
             else "off"
         )
         log.info("listening on %s (ops %s)", site.name, ops_at)
+        if shadow_routes(config):
+            log.warning(
+                "routes in shadow mode (enforce: false), denials are logged, not enforced: %s",
+                ", ".join(shadow_routes(config)),
+            )
         if on_ready is not None:
             on_ready(gateway)
-        await _wait_for_signal()
+        await _wait_for_signal(lambda: gateway.reloader.reload(trigger="sighup"))
         log.info(
             "stopping: draining in-flight requests (up to %ss)", config.server.shutdown_timeout
         )
@@ -82,14 +93,19 @@ async def serve(
         await ops_runner.cleanup()
 
 
-async def _wait_for_signal() -> None:
+async def _wait_for_signal(on_hangup: Callable[[], object] | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_hangup is not None:
+        # The reload is synchronous and runs between two callbacks of the loop.
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await stop.wait()
     finally:
+        # SIGHUP stays handled through the drain (a logrotate HUP must not kill it); the
+        # loop drops the handler when it closes.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 

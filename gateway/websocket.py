@@ -66,6 +66,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.metrics import PREFIX, Metrics
+from gateway.proxy import HeaderPolicy
 from gateway.routes import Route
 
 if TYPE_CHECKING:
@@ -474,6 +475,8 @@ class _Handshake:
             await _close(client, outcome)
             return client
         key, authorization = outcome
+        # A browser that sends its key in the auth message may hold it in a cookie too.
+        HeaderPolicy.scrub(headers, (key,))
         headers[self.config.jwt.header] = f"Bearer {authorization.token}"
         try:
             upstream = await self._connect(url, headers, offered[:1])
@@ -720,7 +723,7 @@ def _auth_key(text: str, max_key_length: int) -> str | Ending:
         )
     try:
         body = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: `[[[[...` nested too deep
         return Ending(BAD_AUTH_MESSAGE, "auth message is not JSON", "bad_auth_message")
     if not isinstance(body, dict) or body.get("type") != "auth":
         return Ending(

@@ -4,7 +4,8 @@
       │   /metrics   every worker's exposition, each sample labelled worker="<i>"
       │   /healthz   200 while the parent serves
       │   /readyz    200 when any worker is ready
-      │   /admin/*   fanned out to every worker; /admin/workers lists them
+      │   /admin/*   cache, revocations and reload fanned out to every worker; audit
+      │              merged newest first; config and explain from one worker; /admin/workers
       ├── worker 0   python -m gateway.workers ...: proxy on server.port (SO_REUSEPORT),
       │              its own ops app on <private dir>/worker-0.sock
       └── worker 1   ...
@@ -13,6 +14,7 @@ Each worker loads the config itself. The parent restarts a worker that dies,
 with an exponential back-off so a crash loop does not spin; a worker that
 cannot load the config stops the whole group with exit 2. SIGTERM/SIGINT to the
 parent is forwarded; workers drain in-flight requests and the parent exits 0.
+SIGHUP to the parent is forwarded too: each worker reloads the config file.
 Workers run in their own session so only the parent decides when they stop,
 and they stop on their own when the parent disappears (their stdin closes).
 """
@@ -425,13 +427,24 @@ class WorkerGroup:
                 await self._first(all_exited(), force.wait())
         clean = all(task.done() for task in supervisors)
         if not clean:
-            log.error("workers still running after %.0fs (or a second signal); killing them", bound)
+            if force.is_set():
+                log.warning("killing the workers that are still draining")
+            else:
+                log.error("workers still running %.0fs after SIGTERM; killing them", bound)
             for slot in self.slots:
                 self._signal(slot, signal.SIGKILL)
             await asyncio.wait(supervisors, timeout=KILL_WAIT)
             for task in supervisors:
                 task.cancel()
         return clean
+
+    def forward_signal(self, signum: int) -> int:
+        """Send `signum` to every ready worker (one still starting has no handler yet
+        and reads the current config anyway); returns how many got it."""
+        ready = [slot for slot in self.slots if slot.ready.is_set()]
+        for slot in ready:
+            self._signal(slot, signum)
+        return len(ready)
 
     @staticmethod
     def _signal(slot: WorkerSlot, signum: int) -> None:
@@ -442,21 +455,37 @@ class WorkerGroup:
     # ------------------------------------------------------------------ talking to workers
 
     async def call(
-        self, slot: WorkerSlot, method: str, path: str, *, within: float = FANOUT_TIMEOUT
+        self,
+        slot: WorkerSlot,
+        method: str,
+        path: str,
+        *,
+        within: float = FANOUT_TIMEOUT,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
-        """One request to a worker's private ops app; `path` is already URL-encoded."""
+        """One request to a worker's private ops app; `path` is URL-encoded, query included."""
         if slot.session is None:
             raise aiohttp.ClientConnectionError("worker group is not running")
-        headers = {}
+        sent = dict(headers or {})
         token = self.config.admin.token
         if path.startswith("/admin/") and token is not None:
-            headers[hdrs.AUTHORIZATION] = f"Bearer {token}"
-        url = URL.build(scheme="http", host="worker", path=path, encoded=True)
+            sent[hdrs.AUTHORIZATION] = f"Bearer {token}"
+        route, _, query = path.partition("?")
+        url = URL.build(scheme="http", host="worker", path=route, query_string=query, encoded=True)
         async with asyncio.timeout(within):
-            async with slot.session.request(method, url, headers=headers) as response:
+            async with slot.session.request(method, url, data=body, headers=sent) as response:
                 return response.status, await response.read()
 
-    async def fan_out(self, method: str, path: str, *, every: bool) -> list[Reply]:
+    async def fan_out(
+        self,
+        method: str,
+        path: str,
+        *,
+        every: bool,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> list[Reply]:
         """Ask workers in parallel.
 
         every=False: only workers already known to be ready (a scrape must not
@@ -470,8 +499,8 @@ class WorkerGroup:
             try:
                 async with asyncio.timeout(FANOUT_TIMEOUT):
                     await slot.ready.wait()
-                    status, body = await self.call(slot, method, path)
-                return Reply(slot.index, status, body)
+                    status, answer = await self.call(slot, method, path, body=body, headers=headers)
+                return Reply(slot.index, status, answer)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 return Reply(slot.index, 0, error=type(exc).__name__)
 
@@ -531,13 +560,61 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(data), status=status, content_type="application/json")
 
 
+def _passthrough(reply: Reply) -> web.Response:
+    return web.Response(body=reply.body, status=reply.status, content_type="application/json")
+
+
 def _unavailable(failed: Sequence[Reply]) -> web.Response:
     names = ", ".join(f"{r.worker} ({r.error or f'status {r.status}'})" for r in failed)
     return _json({"error": "worker_unavailable", "detail": f"workers did not answer: {names}"}, 502)
 
 
+def _no_worker() -> web.Response:
+    return _json({"error": "unavailable", "detail": "no worker answered"}, 503)
+
+
+# Never passed to a worker: hop-by-hop headers, the body framing (set again for
+# the worker), the caller's credentials (the parent sends its own) and any
+# client-sent X-Forwarded-For (the parent sets it).
+_NOT_FORWARDED: Final = frozenset(
+    name.lower()
+    for name in (
+        hdrs.HOST,
+        hdrs.AUTHORIZATION,
+        hdrs.PROXY_AUTHORIZATION,
+        hdrs.CONTENT_LENGTH,
+        hdrs.TRANSFER_ENCODING,
+        hdrs.CONNECTION,
+        hdrs.KEEP_ALIVE,
+        hdrs.UPGRADE,
+        hdrs.TE,
+        hdrs.TRAILER,
+        hdrs.EXPECT,
+        hdrs.X_FORWARDED_FOR,
+    )
+)
+
+
+def _forwarded_headers(request: web.Request) -> dict[str, str]:
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
+    # On its unix socket a worker has no peer address: this names the real
+    # caller in its audit trail.
+    if request.remote:
+        headers[hdrs.X_FORWARDED_FOR] = request.remote
+    return headers
+
+
 def create_group_ops_app(group: WorkerGroup) -> web.Application:
-    """The parent's ops listener: the same endpoints as one process, answered for the group."""
+    """The parent's ops listener: the same endpoints as one process, answered for the group.
+
+    Cache and revocation endpoints are merged explicitly. Any other `/admin/*`
+    request is forwarded: a GET (and `POST /admin/explain`, which may need the
+    one worker that cached a fingerprint) to ready workers in turn until one has
+    an answer other than 404; any other method to every running worker, the
+    answer being the first refusal or else the first reply, with each worker's
+    reply listed under "workers".
+    """
+    from gateway.audit import parse_limit
     from gateway.ops import admin_guard
 
     app = web.Application()
@@ -570,22 +647,60 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
         workers = []
         for reply in replies:
             entry: dict[str, Any] = {"worker": reply.worker, "ready": reply.status == 200}
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, AttributeError):
                 entry["checks"] = reply.json().get("checks")
             workers.append(entry)
         ready = any(w["ready"] for w in workers)
         return _json({"ready": ready, "workers": workers}, 200 if ready else 503)
 
-    async def jwks(_request: web.Request) -> web.Response:
-        # Every worker signs with the same configured key: the first answer is the answer.
+    async def first_answer(request: web.Request) -> web.Response:
+        # Every worker runs the same config and signing key: for a read, any
+        # worker's answer is the group's, unless it has nothing (404).
+        body = await request.read()
+        headers = _forwarded_headers(request)
+        answer: Reply | None = None
         for slot in group.slots:
             if not slot.ready.is_set():
                 continue
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
-                status, body = await group.call(slot, hdrs.METH_GET, "/.well-known/jwks.json")
-                if status == 200:
-                    return web.Response(body=body, content_type="application/json")
-        return _json({"error": "unavailable", "detail": "no worker answered"}, 503)
+            try:
+                status, data = await group.call(
+                    slot, request.method, request.raw_path, body=body or None, headers=headers
+                )
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                continue
+            answer = Reply(slot.index, status, data)
+            if status != 404:
+                break
+        return _no_worker() if answer is None else _passthrough(answer)
+
+    async def every_worker(request: web.Request) -> web.Response:
+        body = await request.read()
+        replies = await group.fan_out(
+            request.method,
+            request.raw_path,
+            every=True,
+            body=body or None,
+            headers=_forwarded_headers(request),
+        )
+        if not replies:
+            return _no_worker()
+        failed = [r for r in replies if r.status == 0 or r.status >= 500]
+        if failed:
+            return _unavailable(failed)
+        # The same input reached every worker: one refusal answers for all.
+        lead = next((r for r in replies if not 200 <= r.status < 300), replies[0])
+        try:
+            answers = [r.json() for r in replies]
+        except ValueError:
+            return _passthrough(lead)
+        if not all(isinstance(a, dict) for a in answers):
+            return _passthrough(lead)
+        merged = dict(answers[replies.index(lead)])
+        merged["workers"] = [
+            {"worker": r.worker, "status": r.status, **a}
+            for r, a in zip(replies, answers, strict=True)
+        ]
+        return _json(merged, lead.status)
 
     async def cache_stats(_request: web.Request) -> web.Response:
         replies = await group.fan_out(hdrs.METH_GET, "/admin/cache", every=True)
@@ -599,8 +714,10 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
         ]
         return _json(merged)
 
-    async def cache_clear(_request: web.Request) -> web.Response:
-        replies = await group.fan_out(hdrs.METH_DELETE, "/admin/cache", every=True)
+    async def cache_clear(request: web.Request) -> web.Response:
+        replies = await group.fan_out(
+            hdrs.METH_DELETE, "/admin/cache", every=True, headers=_forwarded_headers(request)
+        )
         failed = [r for r in replies if r.status != 200]
         if failed:
             return _unavailable(failed)
@@ -609,12 +726,66 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
     async def cache_drop(request: web.Request) -> web.Response:
         key_id = request.match_info["key_id"]
         path = "/admin/cache/" + quote(key_id, safe="")
-        replies = await group.fan_out(hdrs.METH_DELETE, path, every=True)
+        replies = await group.fan_out(
+            hdrs.METH_DELETE, path, every=True, headers=_forwarded_headers(request)
+        )
         failed = [r for r in replies if r.status != 200]
         if failed:
             return _unavailable(failed)
         dropped = sum(int(r.json().get("dropped_entries", 0)) for r in replies)
         return _json({"key_id": key_id, "dropped_entries": dropped, "workers": len(replies)})
+
+    async def revocations(request: web.Request) -> web.Response:
+        # Each worker checks the tower's signature itself: the signed body and
+        # its signature headers pass through untouched.
+        body = await request.read()
+        headers = _forwarded_headers(request)
+        replies = await group.fan_out(
+            hdrs.METH_POST, "/admin/revocations", every=True, body=body, headers=headers
+        )
+        if not replies:
+            return _no_worker()
+        failed = [r for r in replies if r.status == 0 or r.status >= 500]
+        if failed:
+            return _unavailable(failed)
+        refused = next((r for r in replies if r.status != 200), None)
+        if refused is not None:
+            return _passthrough(refused)
+        answers = [r.json() for r in replies]
+        return _json(
+            {
+                "revoked": answers[0].get("revoked", 0),
+                "dropped_entries": sum(int(a.get("dropped_entries", 0)) for a in answers),
+                "workers": len(replies),
+            }
+        )
+
+    async def audit(request: web.Request) -> web.Response:
+        try:
+            limit = parse_limit(request.query.get("limit"))
+        except ValueError as exc:
+            return _json({"error": "bad_request", "detail": str(exc)}, 400)
+        replies = await group.fan_out(
+            hdrs.METH_GET, request.raw_path, every=False, headers=_forwarded_headers(request)
+        )
+        answered = [r for r in replies if r.status != 0]
+        refused = next((r for r in answered if r.status != 200), None)
+        if refused is not None:
+            return _passthrough(refused)
+        if not answered:
+            return _no_worker()
+        events: list[dict[str, Any]] = []
+        for reply in answered:
+            page = reply.json().get("events", [])
+            events += [{**event, WORKER_LABEL: reply.worker} for event in page]
+        # Each worker sent its newest `limit`; the newest `limit` of the group are among them.
+        events.sort(key=lambda event: float(event.get("ts", 0)), reverse=True)
+        return _json(
+            {
+                "events": events[:limit],
+                "workers_missing": [r.worker for r in replies if r.status == 0],
+            }
+        )
 
     async def workers(_request: web.Request) -> web.Response:
         return _json({"pid": os.getpid(), "workers": [s.describe() for s in group.slots]})
@@ -622,11 +793,16 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/.well-known/jwks.json", jwks)
+    app.router.add_get("/.well-known/jwks.json", first_answer)
     app.router.add_get("/admin/cache", admin(cache_stats))
     app.router.add_delete("/admin/cache", admin(cache_clear))
     app.router.add_delete("/admin/cache/{key_id}", admin(cache_drop))
+    app.router.add_post("/admin/revocations", admin(revocations))
+    app.router.add_get("/admin/audit", admin(audit))
     app.router.add_get("/admin/workers", admin(workers))
+    app.router.add_post("/admin/explain", admin(first_answer))
+    app.router.add_route(hdrs.METH_GET, "/admin/{tail:.*}", admin(first_answer))
+    app.router.add_route(hdrs.METH_ANY, "/admin/{tail:.*}", admin(every_worker))
     return app
 
 
@@ -657,8 +833,12 @@ def run_workers(
         )
     from gateway.serve import run
 
-    # 0700 directory: only this user can reach the workers' ops sockets.
-    socket_dir = tempfile.mkdtemp(prefix="tower-gateway-")
+    try:
+        # 0700 directory: only this user can reach the workers' ops sockets.
+        socket_dir = tempfile.mkdtemp(prefix="tower-gateway-")
+    except OSError as exc:
+        print(f"error: --workers needs a writable TMPDIR for its sockets: {exc}", file=sys.stderr)
+        return 1
     outcome: list[int] = []
 
     async def main() -> None:
@@ -697,10 +877,16 @@ async def _run_group(group: WorkerGroup) -> int:
         )
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
+        # Each worker reloads the config file itself; the supervisor's own settings
+        # (the ops listener, the admin token) are restart-only anyway.
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            lambda: log.info("SIGHUP: reloading %d workers", group.forward_signal(signal.SIGHUP)),
+        )
         code = await group.run(stop, force)
         log.info("all workers stopped (exit %d)", code)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         await runner.cleanup()
     return code
@@ -727,14 +913,19 @@ class _WorkerFormatter(logging.Formatter):
 def _exit_with_parent() -> None:
     """Stop gracefully when the parent goes away: its end of our stdin pipe closes."""
     try:
-        if not stat.S_ISFIFO(os.fstat(0).st_mode):
-            return  # started by hand, not by a parent
+        mode = os.fstat(0).st_mode
     except OSError:
+        return
+    # A pipe (asyncio) or a socketpair (uvloop/libuv); anything else means the
+    # worker was started by hand and has no parent to follow.
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
         return
 
     def watch() -> None:
-        with contextlib.suppress(OSError, ValueError):
-            while sys.stdin.buffer.read(4096):
+        # os.read, not sys.stdin: a daemon thread blocked inside a buffered
+        # reader holds its lock and aborts the interpreter at exit.
+        with contextlib.suppress(OSError):
+            while os.read(0, 4096):
                 pass
         os.kill(os.getpid(), signal.SIGTERM)
 

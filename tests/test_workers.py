@@ -8,6 +8,7 @@ kills whatever the group left behind, found through /proc.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import load_config, parse_config_text
+from gateway.shared import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign_webhook
 from gateway.workers import WorkerGroup, backoff, merge_cache_stats, merge_expositions
 from tests.conftest import (
     ADMIN_TOKEN,
@@ -41,6 +43,7 @@ from tests.conftest import (
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
+WEBHOOK_SECRET = "webhook-secret-for-worker-tests"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 pytestmark = pytest.mark.skipif(
@@ -266,6 +269,19 @@ async def start_group(
         shutil.rmtree(socket_tmp, ignore_errors=True)
 
 
+def dockerfile_healthcheck() -> list[str]:
+    """The exec-form command of the Dockerfile's HEALTHCHECK, with python as sys.executable."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith("HEALTHCHECK"))
+    argv: list[str] = json.loads(line[line.index(" CMD ") + 5 :])
+    assert argv[0] == "python"
+    return [sys.executable, *argv[1:]]
+
+
+async def _contains(group: Group, text: str) -> bool:
+    return text in group.log()
+
+
 def samples_by_worker(text: str, family_name: str) -> dict[str, float]:
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -321,9 +337,14 @@ async def test_group_serves_the_contract_on_one_port(
     status, body = await group.ops_json("GET", "/.well-known/jwks.json")
     assert status == 200 and "keys" in body
 
+    # The image's HEALTHCHECK command, pointed at this group's ops port.
+    argv = [a.replace(":9091/", f":{group.ops_port}/") for a in dockerfile_healthcheck()]
+    check = await asyncio.create_subprocess_exec(*argv)
+    assert await asyncio.wait_for(check.wait(), 10) == 0
+
 
 async def test_admin_requests_reach_every_worker(start_group: StartGroup) -> None:
-    group = await start_group()
+    group = await start_group(admin={"webhook_secret": WEBHOOK_SECRET})
     status, body = await group.ops_json("GET", "/admin/cache")
     assert status == 401
     status, body = await group.ops_json(
@@ -355,10 +376,39 @@ async def test_admin_requests_reach_every_worker(start_group: StartGroup) -> Non
     assert status == 200 and body == {"key_id": "k1", "dropped_entries": 2, "workers": 2}
     await until(both_cached, 15, "the key cached again in both workers")
 
+    # The tower's signed revocation webhook reaches every worker, signature intact.
+    payload = json.dumps({"key_ids": ["k1"]}).encode()
+    stamp = str(int(time.time()))
+    signed = {
+        **ADMIN,
+        "Content-Type": "application/json",
+        TIMESTAMP_HEADER: stamp,
+        SIGNATURE_HEADER: sign_webhook(WEBHOOK_SECRET, stamp, payload),
+    }
+    status, body = await group.ops_json("POST", "/admin/revocations", data=payload, headers=signed)
+    assert status == 200 and body == {"revoked": 1, "dropped_entries": 2, "workers": 2}
+    forged = {**signed, SIGNATURE_HEADER: sign_webhook("x" * 32, stamp, payload)}
+    status, body = await group.ops_json("POST", "/admin/revocations", data=payload, headers=forged)
+    assert status == 401 and body["error"] == "bad_signature"
+    await until(both_cached, 15, "the key cached again in both workers")
+
     status, body = await group.ops_json("DELETE", "/admin/cache", headers=ADMIN)
     assert status == 200 and body == {"cleared": True, "workers": 2}
     _, stats = await group.ops_json("GET", "/admin/cache", headers=ADMIN)
     assert [w["total_cached_keys"] for w in stats["workers"]] == [0, 0]
+
+    # Other admin endpoints: reads from one worker, actions on every worker.
+    status, body = await group.ops_json("GET", "/admin/config", headers=ADMIN)
+    assert status == 200 and "config" in body
+    status, body = await group.ops_json("POST", "/admin/reload", headers=ADMIN)
+    assert status == 200 and [w["status"] for w in body["workers"]] == [200, 200]
+    status, body = await group.ops_json("GET", "/admin/audit?limit=1000", headers=ADMIN)
+    assert status == 200
+    stamps = [event["ts"] for event in body["events"]]
+    assert stamps == sorted(stamps, reverse=True)
+    assert {event["worker"] for event in body["events"]} == {0, 1}
+    status, body = await group.ops_json("GET", "/admin/audit?limit=0", headers=ADMIN)
+    assert status == 400
 
 
 async def test_a_killed_worker_is_replaced_without_stopping_service(
@@ -398,6 +448,11 @@ async def test_a_killed_worker_is_replaced_without_stopping_service(
 async def test_sigterm_drains_in_flight_requests_and_exits_zero(start_group: StartGroup) -> None:
     group = await start_group()
     pids = [w["pid"] for w in await group.workers()]
+    # SIGHUP is forwarded (each worker reloads); nobody stops.
+    group.process.send_signal(signal.SIGHUP)
+    await until(lambda: _contains(group, "SIGHUP"), 5, "the SIGHUP to be handled")
+    await asyncio.sleep(0.3)
+    assert [w["pid"] for w in await group.workers()] == pids
     slow = asyncio.ensure_future(group.get("/sleep?s=1.5", headers={"X-API-Key": "good-key"}))
     await asyncio.sleep(0.5)  # the request is in a worker by now
     group.process.send_signal(signal.SIGTERM)
@@ -405,7 +460,23 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(start_group: Sta
     assert status == 200 and body == {"slept": True}
     assert await group.wait_exit(15) == 0, group.log()
     assert not [pid for pid in pids if running(pid)] and not group.leftovers()
+    assert "Fatal Python error" not in group.log() and "Traceback" not in group.log()
     assert refused(group.port) and refused(group.ops_port)
+
+
+async def test_workers_stop_by_themselves_when_the_parent_is_killed(
+    start_group: StartGroup,
+) -> None:
+    group = await start_group()
+    pids = [w["pid"] for w in await group.workers()]
+    group.process.kill()
+    assert await group.wait_exit(5) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not [pid for pid in pids if running(pid)], group.log()
+    assert refused(group.port)
+    assert "Fatal Python error" not in group.log() and "Traceback" not in group.log()
 
 
 async def test_a_config_a_worker_cannot_use_stops_the_group_with_exit_2(

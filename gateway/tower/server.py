@@ -31,8 +31,9 @@ def _error(status: int, code: str, detail: str, **headers: str) -> web.Response:
 
 
 def _same(given: str | None, expected: bytes) -> bool:
-    # Constant-time, so the response time says nothing about how much matched.
-    return hmac.compare_digest((given or "").encode(), expected)
+    # Constant-time, so the response time says nothing about how much matched;
+    # surrogateescape, so a header that is not UTF-8 is a mismatch, not a crash.
+    return hmac.compare_digest((given or "").encode("utf-8", "surrogateescape"), expected)
 
 
 async def _read_bounded(request: web.Request) -> bytes | None:

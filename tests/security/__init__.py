@@ -1,0 +1,1 @@
+"""The adversarial suite: hostile clients and hostile towers against the gateway."""
