@@ -448,9 +448,7 @@ class Gateway:
         response = await self.forwarder.forward(
             request, route, path, query, headers, response_headers
         )
-        self.metrics.upstream_seconds.labels(route.name).observe(
-            time.perf_counter() - upstream_started
-        )
+        self.metrics.observe_upstream(route.name, time.perf_counter() - upstream_started)
         return response
 
     def _would_deny(

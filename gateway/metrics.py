@@ -213,6 +213,7 @@ class Metrics:
         self.build.info({"version": __version__, "python": platform.python_version()})
         self._request_children: dict[tuple[str, int], Counter] = {}
         self._auth_children: dict[str, Counter] = {}
+        self._upstream_children: dict[str, Histogram] = {}
 
     def watch(self, read: Callable[[], tuple[CacheStats, int, int, int, int]]) -> None:
         self.registry.register(_StatsCollector(read))
@@ -234,6 +235,12 @@ class Metrics:
                 route, str(status)
             )
         child.inc()
+
+    def observe_upstream(self, route: str, seconds: float) -> None:
+        child = self._upstream_children.get(route)
+        if child is None:
+            child = self._upstream_children[route] = self.upstream_seconds.labels(route)
+        child.observe(seconds)
 
     def count_auth(self, outcome: str) -> None:
         child = self._auth_children.get(outcome)
