@@ -346,9 +346,8 @@ class Gateway:
             self._drop_cache()
             self.sockets.invalidate_all()
             return 0
-        digests: set[bytes] = set()
+        digests = self.resolver.invalidate_key_ids(key_ids)
         for key_id in key_ids:
-            digests |= self.resolver.invalidate_key_id(key_id)
             self.sockets.invalidate_key_id(key_id)
         self.minter.forget(digests)
         return len(digests)

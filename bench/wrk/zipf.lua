@@ -3,6 +3,7 @@
 --   args[1]  number of keys (default 10000)
 --   args[2]  exponent s (default 1.1)
 --   args[3]  first key number (default 2000000000); rank r is key "k-<first + r>"
+--   args[4]  "sweep": send every rank once, in order (then again), to warm a cache
 dofile((os.getenv("BENCH_LUA_DIR") or "bench/wrk") .. "/report.lua")
 
 local next_thread = 0
@@ -28,9 +29,15 @@ function init(args)
    -- A fixed seed per thread: every run sends the same key sequence.
    math.randomseed(1234567 + thread_id)
    requests = {}
+   sweep = args[4] == "sweep"
+   cursor = 0
 end
 
 function request()
+   if sweep then
+      cursor = cursor % n_keys + 1
+      return wrk.format(nil, nil, {["X-API-Key"] = "k-" .. (base + cursor)})
+   end
    local u = math.random()
    local lo, hi = 1, n_keys
    while lo < hi do
