@@ -152,9 +152,7 @@ class TowerConfig:
     secret: str | None = None
     timeout: float = _check(_positive, 2.0)
     connect_timeout: float | None = _check(_positive, None)
-    # httpx checks every pooled connection on each request: a pool sized to the
-    # concurrency bound keeps that scan short.
-    max_connections: int = _check(_positive, 32)
+    max_connections: int = _check(_positive, 100)
     local: LocalTowerConfig | None = None
     # Resilience of the remote tower client (gateway/tower/resilient.py).
     retries: int = _check(_non_negative, 2)
@@ -163,7 +161,7 @@ class TowerConfig:
     budget: float | None = _check(_positive, None)  # all attempts together; null = timeout
     breaker_threshold: int = _check(_positive, 5)  # consecutive faults that open the circuit
     breaker_reset: float = _check(_positive, 5.0)  # seconds open before one probe call
-    max_concurrency: int = _check(_positive, 32)  # tower calls in flight at once
+    max_concurrency: int = _check(_positive, 64)  # tower calls in flight at once
 
 
 @dataclass(frozen=True, slots=True)

@@ -427,7 +427,7 @@ def test_config_fields_are_checked_and_wired(fake_tower: FakeTower) -> None:
     assert info.value.path == "tower.retries"
 
     config = gateway_config(fake_tower.url, "http://127.0.0.1:9000", tower={"retries": 0})
-    assert config.tower.max_concurrency == 32 and config.tower.budget is None
+    assert config.tower.max_concurrency == 64 and config.tower.budget is None
 
 
 async def test_only_the_remote_tower_is_wrapped(fake_tower: FakeTower, tmp_path: Path) -> None:
