@@ -232,7 +232,7 @@ def bench_auth(table: Table) -> None:
     )
     positive = gateway.resolver._positive
     table.time(
-        group, "  of which: TLRUCache.get (cachetools, hit)", lambda: positive.get(resolved.digest)
+        group, "  of which: the identity cache get (hit)", lambda: positive.get(resolved.digest)
     )
     plain = {resolved.digest: resolved}
     table.time(group, "  for scale: dict.get (hit)", lambda: plain.get(resolved.digest))
