@@ -42,7 +42,7 @@ from gateway.explain import SHADOW_STATUSES
 from gateway.httpserver import answer_everything
 from gateway.identity import CacheStats, Fingerprinter, IdentityResolver, Resolved, derive_secret
 from gateway.metrics import Metrics
-from gateway.proxy import Forwarder, HeaderPolicy, connection_tokens
+from gateway.proxy import Forwarder, HeaderPolicy, IPNetwork, connection_tokens, forwarded_for
 from gateway.ratelimit import (
     MemoryRateLimiter,
     RateLimiter,
@@ -61,7 +61,6 @@ log = logging.getLogger("tower_gateway")
 REQUEST_ID: Final = "X-Request-Id"
 # Tells the upstream of a shadow route (`enforce: false`) what enforcement would have done.
 SHADOW_DECISION: Final = "X-Gateway-Shadow-Decision"
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _REQUEST_ID_OK: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # Query parameter names that carry a key, compared after decoding and without
 # separators, so `api%5Fkey`, `API-KEY` and `api.key` are all caught.
@@ -413,7 +412,9 @@ class Gateway:
         if route.config.websocket and _is_upgrade(request):
             from gateway.websocket import handle_websocket
 
-            return await handle_websocket(self, request, route, path, query, headers, record)
+            return await handle_websocket(
+                self, request, route, path, query, headers, record, parts=parts
+            )
         if route.config.auth:
             shadow = not route.config.enforce
             try:
@@ -435,7 +436,7 @@ class Gateway:
         else:
             record.decision, record.reason = "public", "public_route"
 
-        headers["X-Forwarded-For"] = _forwarded_for(request, parts.trusted_proxies)
+        headers["X-Forwarded-For"] = forwarded_for(request, parts.trusted_proxies)
         headers["X-Forwarded-Proto"] = request.scheme
         if request.host:
             headers["X-Forwarded-Host"] = request.host
@@ -575,19 +576,6 @@ class Gateway:
 
 
 GATEWAY: Final[web.AppKey[Gateway]] = web.AppKey("gateway", Gateway)
-
-
-def _forwarded_for(request: web.Request, trusted: tuple[IPNetwork, ...]) -> str:
-    """The peer's address, after the chain it reported when it is a trusted proxy."""
-    remote = request.remote or ""
-    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
-    if not prior or not trusted:
-        return remote
-    try:
-        peer = ipaddress.ip_address(remote)
-    except ValueError:
-        return remote
-    return f"{prior}, {remote}" if any(peer in net for net in trusted) else remote
 
 
 def client_address(request: web.Request, trusted: tuple[IPNetwork, ...]) -> str | None:

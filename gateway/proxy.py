@@ -8,6 +8,7 @@ pooled `ClientSession` per upstream origin; no cookies are kept between clients.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Final
@@ -140,6 +141,23 @@ class HeaderPolicy:
         if len(kept) != len(headers):
             headers.clear()
             headers.extend(kept)
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def forwarded_for(request: web.BaseRequest, trusted: tuple[IPNetwork, ...]) -> str:
+    """X-Forwarded-For for the upstream: the peer's address, after the chain the peer
+    reported when it is a trusted proxy (a client's own header is never passed on)."""
+    remote = request.remote or ""
+    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
+    if not prior or not trusted:
+        return remote
+    try:
+        peer = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote
+    return f"{prior}, {remote}" if any(peer in net for net in trusted) else remote
 
 
 def connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:

@@ -66,11 +66,11 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.metrics import PREFIX, Metrics
-from gateway.proxy import HeaderPolicy
+from gateway.proxy import HeaderPolicy, forwarded_for
 from gateway.routes import Route
 
 if TYPE_CHECKING:
-    from gateway.app import Authorization, Gateway
+    from gateway.app import Authorization, Components, Gateway
 
 log = logging.getLogger("tower_gateway.websocket")
 
@@ -301,12 +301,15 @@ async def handle_websocket(
     query: str,
     headers: CIMultiDict[str],
     record: RequestRecord,
+    parts: Components | None = None,
 ) -> web.StreamResponse:
-    """Authenticate an upgrade, then relay it; `headers` are the forwardable client headers."""
+    """Authenticate an upgrade, then relay it; `headers` are the forwardable client headers,
+    `parts` the request's snapshot of the live config (a reload mid-handshake cannot mix two)."""
     sockets = gateway.sockets
     with sockets.handling():
         try:
-            return await _Handshake(gateway, request, route, record).run(path, query, headers)
+            handshake = _Handshake(gateway, request, route, record, parts or gateway.components)
+            return await handshake.run(path, query, headers)
         except GatewayError as exc:
             sockets.handshakes.labels(exc.reason).inc()
             raise
@@ -316,13 +319,19 @@ class _Handshake:
     """One upgrade request, from its headers to the end of its relay."""
 
     def __init__(
-        self, gateway: Gateway, request: web.Request, route: Route, record: RequestRecord
+        self,
+        gateway: Gateway,
+        request: web.Request,
+        route: Route,
+        record: RequestRecord,
+        parts: Components,
     ) -> None:
         self.gateway = gateway
         self.request = request
         self.route = route
         self.record = record
-        self.config = gateway.components.config
+        self.parts = parts
+        self.config = parts.config
         self.sockets = gateway.sockets
         # Rate-limit headers of a header-authenticated upgrade, for its 101 answer.
         self.response_headers: dict[str, str] = {}
@@ -343,7 +352,7 @@ class _Handshake:
             client = await self._accept_after(upstream)
             return await self._relay(client, upstream, None, None, "public")
 
-        key = self.gateway.components.extractor.extract(request.headers)
+        key = self.parts.extractor.extract(request.headers)
         if key is not None:
             authorization = await self._authorize(key)
             upstream_headers[self.config.jwt.header] = f"Bearer {authorization.token}"
@@ -369,7 +378,7 @@ class _Handshake:
     async def _authorize(self, key: str) -> Authorization:
         try:
             authorization = await self.gateway.authorize(
-                key, self.route, self.record, self.response_headers
+                key, self.route, self.record, self.response_headers, parts=self.parts
             )
         except GatewayError as exc:
             self.gateway.metrics.count_auth(exc.reason)
@@ -388,7 +397,7 @@ class _Handshake:
             # protocols and extensions are negotiated per hop.
             if not name.lower().startswith("sec-websocket-")
         )
-        out["X-Forwarded-For"] = request.remote or ""
+        out["X-Forwarded-For"] = forwarded_for(request, self.parts.trusted_proxies)
         out["X-Forwarded-Proto"] = request.scheme
         if request.host:
             out["X-Forwarded-Host"] = request.host

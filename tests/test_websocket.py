@@ -173,6 +173,24 @@ async def test_header_auth_relays_text_and_binary_with_a_jwt_and_no_key(
     assert "x-forwarded-host" in seen.headers
 
 
+async def test_forwarded_for_keeps_a_trusted_proxys_chain_as_http_does(
+    make_ws: WsFactory, ws_upstream: WsUpstream
+) -> None:
+    trusted = await make_ws(server={"trusted_proxies": ["127.0.0.1/32"]})
+    ws = await trusted.client.ws_connect("/chat", headers={**KEY, "X-Forwarded-For": "203.0.113.5"})
+    await echo(ws)
+    await ws.close()
+    untrusted = await make_ws()
+    ws = await untrusted.client.ws_connect(
+        "/chat", headers={**KEY, "X-Forwarded-For": "203.0.113.5"}
+    )
+    await echo(ws)
+    await ws.close()
+    first, second = ws_upstream.handshakes
+    assert first.headers["x-forwarded-for"] == "203.0.113.5, 127.0.0.1"
+    assert second.headers["x-forwarded-for"] == "127.0.0.1"  # a client's own claim is dropped
+
+
 async def test_header_auth_failures_are_http_errors_before_the_upgrade(
     wsg: Harness, ws_upstream: WsUpstream
 ) -> None:
