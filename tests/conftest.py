@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from gateway.accesslog import AccessLog
 from gateway.app import Gateway
 from gateway.config import Config, parse_config
+from gateway.httpserver import GatewayRunner
 
 pytest_plugins = ("tests.redis_support",)
 
@@ -245,10 +246,18 @@ class Harness:
 GatewayFactory = Callable[..., Awaitable[Harness]]
 
 
+class GatewayTestServer(TestServer):
+    """A test server that runs its app as `gateway.serve` does: under `GatewayRunner`, so
+    requests aiohttp's parser refuses are answered as a deployed gateway answers them."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
 async def quiet_server(app: web.Application) -> TestServer:
-    """A started test server without aiohttp's access log, as `serve` runs the gateway:
-    the gateway writes its own log, which never holds a query string."""
-    server = TestServer(app, host="127.0.0.1")
+    """A started test server as `serve` runs the gateway: under `GatewayRunner`, without
+    aiohttp's access log (the gateway writes its own, which never holds a query string)."""
+    server = GatewayTestServer(app, host="127.0.0.1")
     await server.start_server(access_log=None)
     return server
 

@@ -2,9 +2,9 @@
 run as its own process (`python -m gateway serve`), with aiohttp's C parser or with
 its pure-Python one (`AIOHTTP_NO_EXTENSIONS=1`).
 
-`make_gateway` here replaces the shared one for this package: the proxy app runs
-under `GatewayRunner`, as `gateway.serve` runs it, so requests aiohttp's parser
-refuses are answered the way a deployed gateway answers them.
+The shared `make_gateway` already serves the proxy app under `GatewayRunner`, as
+`gateway.serve` runs it, so requests aiohttp's parser refuses are answered the way
+a deployed gateway answers them.
 """
 
 from __future__ import annotations
@@ -29,58 +29,21 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client import CollectorRegistry
+from aiohttp.test_utils import TestServer
 
 from gateway.accesslog import AccessLog
-from gateway.app import Gateway
-from gateway.httpserver import GatewayRunner
 from tests.conftest import (
     ENV,
     FakeTower,
     FakeUpstream,
     GatewayFactory,
     Harness,
-    gateway_config,
 )
 
 GOOD = "good-key-1"  # k1 / u1, operator, scope tools:execute
 ADMIN = "admin-key-1"  # k2 / u2, admin
 # Printable keys that contain no other test string, so a leak is unambiguous.
 KEYS = (GOOD, ADMIN)
-
-
-class GatewayTestServer(TestServer):
-    """A test server that runs its app as `gateway.serve` does: under `GatewayRunner`."""
-
-    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
-        return GatewayRunner(self.app, **kwargs)
-
-
-async def served(app: web.Application) -> GatewayTestServer:
-    server = GatewayTestServer(app, host="127.0.0.1")
-    await server.start_server(access_log=None)
-    return server
-
-
-@pytest.fixture
-async def make_gateway(
-    fake_tower: FakeTower,
-    fake_upstream: FakeUpstream,
-    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
-) -> GatewayFactory:
-    async def factory(
-        clock: Callable[[], float] = time.time,
-        access_log: AccessLog | None = None,
-        **overrides: Any,
-    ) -> Harness:
-        config = gateway_config(fake_tower.url, fake_upstream.url, **overrides)
-        gateway = Gateway(config, registry=CollectorRegistry(), clock=clock, access_log=access_log)
-        client = await aiohttp_client(await served(gateway.proxy_app()))
-        ops = await aiohttp_client(await served(gateway.ops_app()))
-        return Harness(gateway, client, ops, fake_tower, fake_upstream)
-
-    return factory
 
 
 def add_keys(tower: FakeTower) -> None:
