@@ -115,6 +115,31 @@ class FakeTower:
         return web.json_response(answer)
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Scripted:
+    """A tower (or a thief) answering with `handler`, or a valid admin identity when
+    there is none; records every request it receives."""
+
+    handler: Handler | None = None
+    requests: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
+    url: str = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._any)
+        return app
+
+    async def _any(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append((request.method, request.raw_path, dict(request.headers), body))
+        if self.handler is None:
+            return web.json_response(tower_record("k1", "u1", "admin"))
+        return await self.handler(request)
+
+
 @dataclass
 class Seen:
     method: str

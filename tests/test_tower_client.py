@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -17,30 +16,18 @@ from gateway.config import TowerConfig
 from gateway.errors import TowerFault
 from gateway.tower import Identity, Rejection, parse_answer
 from gateway.tower.client import MAX_BODY, RemoteTower
-from tests.conftest import TOWER_API_KEY, TOWER_SECRET, GatewayFactory, Harness, tower_record
+from tests.conftest import (
+    TOWER_API_KEY,
+    TOWER_SECRET,
+    GatewayFactory,
+    Handler,
+    Harness,
+    Scripted,
+    tower_record,
+)
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KEY = {"X-API-Key": "good-key-1"}
-
-
-@dataclass
-class Scripted:
-    """A tower whose answer is whatever `handler` does; records every request."""
-
-    handler: Handler
-    requests: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
-    url: str = ""
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._any)
-        return app
-
-    async def _any(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.requests.append((request.method, request.raw_path, dict(request.headers), body))
-        return await self.handler(request)
 
 
 @pytest.fixture

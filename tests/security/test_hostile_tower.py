@@ -12,7 +12,6 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -23,31 +22,18 @@ from aiohttp.test_utils import TestServer
 from gateway.capabilities import CapabilityMapper
 from gateway.config import parse_config
 from gateway.tower import Identity
-from tests.conftest import ENV, JWT_SECRET, TOWER_SECRET, GatewayFactory, Harness, tower_record
+from tests.conftest import (
+    ENV,
+    JWT_SECRET,
+    TOWER_SECRET,
+    GatewayFactory,
+    Handler,
+    Harness,
+    Scripted,
+    tower_record,
+)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KEY = {"X-API-Key": "client-key-1"}
-
-
-@dataclass
-class Scripted:
-    """A tower (or a thief) that answers with `handler` and records every request."""
-
-    handler: Handler | None = None
-    requests: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
-    url: str = ""
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._any)
-        return app
-
-    async def _any(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.requests.append((request.method, request.raw_path, dict(request.headers), body))
-        if self.handler is None:
-            return web.json_response(tower_record("k1", "u1", "admin"))
-        return await self.handler(request)
 
 
 def answer(body: Any, status: int = 200) -> Handler:
