@@ -41,12 +41,44 @@ def _bounded(value: Any) -> Any:
     return value
 
 
+# What `AuditLog.auth` keeps of one attempt, in `_auth_line`'s order.
+_AuthEvent = tuple[Any, ...]
+
+
+def _auth_line(event: _AuthEvent) -> dict[str, Any]:
+    (ts, seq, decision, reason, request_id, client, method, path, route) = event[:9]
+    (key, user, key_id, role, missing, source) = event[9:]
+    line: dict[str, Any] = {
+        "ts": round(ts, 3),
+        "seq": seq,
+        "type": "audit",
+        "event": "auth",
+        "outcome": "success" if decision == "allow" else "failure",
+        "decision": decision,
+        "reason": reason,
+        "request_id": request_id,
+        "client": client,
+        "method": method,
+        "path": _bounded(path),
+        "route": route,
+        "key": key,
+        "user": user,
+        "key_id": key_id,
+        "role": role,
+    }
+    if missing is not None:
+        line["missing_capability"] = missing
+    if decision == "allow":
+        line["source"] = source
+    return line
+
+
 class AuditLog:
     """Emits audit events to a writer and keeps the last `capacity` of them in memory."""
 
     def __init__(self, writer: AccessLog, *, capacity: int = RING_SIZE) -> None:
         self._writer = writer
-        self._ring: deque[dict[str, Any]] = deque(maxlen=capacity)
+        self._ring: deque[dict[str, Any] | _AuthEvent] = deque(maxlen=capacity)
         # A per-process sequence: orders events written in the same millisecond.
         self._seq = itertools.count(1)
 
@@ -74,33 +106,33 @@ class AuditLog:
 
     def auth(self, record: RequestRecord, *, decision: str, reason: str | None) -> None:
         """One authentication attempt, from what the pipeline recorded about it."""
-        # Built in one literal (no **kwargs, no per-field clipping pass): this
-        # runs for every authenticated request. Only the path comes from the
-        # client unbounded; tower fields are bounded when the answer is read.
-        line: dict[str, Any] = {
-            "ts": round(time.time(), 3),
-            "seq": next(self._seq),
-            "type": "audit",
-            "event": "auth",
-            "outcome": "success" if decision == "allow" else "failure",
-            "decision": decision,
-            "reason": reason,
-            "request_id": record.request_id,
-            "client": record.client,
-            "method": record.method,
-            "path": _bounded(record.path),
-            "route": record.route,
-            "key": record.fingerprint,
-            "user": record.user,
-            "key_id": record.key_id,
-            "role": record.role,
-        }
-        if record.missing is not None:
-            line["missing_capability"] = record.missing
-        if decision == "allow":
-            line["source"] = record.reason
-        self._ring.append(line)
-        self._writer.emit(line)
+        # This runs for every authenticated request: the ring keeps a tuple, made
+        # into the event's dict only when it is written or read. Only the path
+        # comes from the client unbounded; tower fields are bounded when the
+        # answer is read.
+        event = (
+            time.time(),
+            next(self._seq),
+            decision,
+            reason,
+            record.request_id,
+            record.client,
+            record.method,
+            record.path,
+            record.route,
+            record.fingerprint,
+            record.user,
+            record.key_id,
+            record.role,
+            record.missing,
+            record.reason,
+        )
+        if self._writer.enabled:
+            line = _auth_line(event)
+            self._ring.append(line)
+            self._writer.emit(line)
+        else:
+            self._ring.append(event)
 
     def admin(self, action: str, *, client: str | None, ok: bool = True, **details: Any) -> None:
         """One admin action on the ops listener."""
@@ -114,7 +146,8 @@ class AuditLog:
 
     def recent(self, limit: int = DEFAULT_LIMIT) -> list[dict[str, Any]]:
         """The newest `limit` events, newest first."""
-        return list(itertools.islice(reversed(self._ring), max(0, limit)))
+        newest = itertools.islice(reversed(self._ring), max(0, limit))
+        return [e if isinstance(e, dict) else _auth_line(e) for e in newest]
 
     def reopen(self) -> None:
         self._writer.reopen()

@@ -7,7 +7,10 @@ Three guards, each cheap and each before any tower call:
   token of at most 32 characters is refused (400), and so is a request whose
   framing two HTTP implementations could read differently (HTTP/0.9,
   `Transfer-Encoding` in HTTP/1.0) or whose Host is missing, repeated or not
-  `host[:port]`; all of them close the connection.
+  `host[:port]`; all of them close the connection. An `Expect` other than
+  `100-continue` gets 417. The gateway itself answers `100-continue`, and
+  only once the request has passed authentication and policy
+  (`gateway.proxy`): a refused client never sends its body.
 - `key_shape_ok`: with `credentials.key_format` set, a key that does not have
   the tower's prefix and checksum is refused without asking the tower.
 - `FailureThrottle`: failed authentications per client address (GCRA, bounded
@@ -29,7 +32,13 @@ from typing import Final
 from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 
 from gateway.config import KeyFormatConfig
-from gateway.errors import BadRequest, InvalidKey, MethodNotAllowed, RateLimited
+from gateway.errors import (
+    BadRequest,
+    ExpectationFailed,
+    InvalidKey,
+    MethodNotAllowed,
+    RateLimited,
+)
 from gateway.ratelimit import MemoryRateLimiter
 from gateway.tower.keyformat import looks_valid
 
@@ -78,6 +87,10 @@ def check_request(request: web.BaseRequest) -> None:
         # RFC 9112 6.1: an HTTP/1.0 intermediary may ignore Transfer-Encoding,
         # so such a body's length is in doubt: faulty framing.
         raise BadRequest("Transfer-Encoding in an HTTP/1.0 request", close=True)
+    expect = request.headers.get(hdrs.EXPECT)
+    if expect is not None and version == HttpVersion11 and expect.lower() != "100-continue":
+        # RFC 9110 10.1.1; the detail does not quote the header (client input).
+        raise ExpectationFailed("the only expectation supported is 100-continue", close=True)
 
 
 def key_shape_ok(key: str, key_format: KeyFormatConfig | None) -> bool:

@@ -10,6 +10,7 @@
     ├── NotFound                      404     no_route
     ├── MethodNotAllowed              405     method_not_allowed
     ├── PayloadTooLarge               413     body_too_large
+    ├── ExpectationFailed             417     expectation_failed
     ├── RateLimited                   429     rate_limited, too_many_failures
     ├── UpstreamUnavailable           502     upstream_unavailable
     ├── TowerUnavailable              503     tower_unavailable
@@ -83,6 +84,11 @@ class MethodNotAllowed(GatewayError):
 class PayloadTooLarge(GatewayError):
     status = 413
     default_reason = "body_too_large"
+
+
+class ExpectationFailed(GatewayError):
+    status = 417
+    default_reason = "expectation_failed"
 
 
 class RateLimited(GatewayError):

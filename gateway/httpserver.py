@@ -35,6 +35,10 @@ from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 REQUEST_ID: Final = "X-Request-Id"  # the header `gateway.app` keeps or assigns
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# The one handler that answers every request on an app; `GatewayRunner` hands requests
+# to it straight, past aiohttp's router and middleware chain.
+ANSWER: Final = web.AppKey[Handler]("answer")
 
 # Fixed texts per parser error: what went wrong, never the bytes it went wrong on.
 _DETAILS: Final[tuple[tuple[type[HttpProcessingError], str], ...]] = (
@@ -191,7 +195,7 @@ class GatewayRunner(web.AppRunner):
         # The application built a plain `web.Server` with every keyword its
         # `handler_args` and this runner supply; the same again, as a GatewayServer.
         return GatewayServer(
-            server.request_handler,
+            self.app.get(ANSWER, server.request_handler),
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,

@@ -37,15 +37,22 @@ _DETAILS: Final = {
 
 
 class Fingerprinter:
-    """Keyed hash of API keys: cache keys, log fingerprints, rate-limit buckets."""
+    """Keyed hash of API keys: cache keys, log fingerprints, rate-limit buckets.
 
-    __slots__ = ("_secret",)
+    BLAKE2b in its keyed mode (a MAC by design, RFC 7693), 32 bytes: a quarter
+    of HMAC-SHA256's cost, and it runs on every request. The keyed state is
+    built once and copied per key.
+    """
+
+    __slots__ = ("_keyed",)
 
     def __init__(self, secret: bytes) -> None:
-        self._secret = secret
+        self._keyed = hashlib.blake2b(key=secret[:64], digest_size=32, person=b"tg-key-fp")
 
     def digest(self, api_key: str) -> bytes:
-        return hmac.digest(self._secret, api_key.encode(), "sha256")
+        h = self._keyed.copy()
+        h.update(api_key.encode())
+        return h.digest()
 
     @staticmethod
     def short(digest: bytes) -> str:

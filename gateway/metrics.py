@@ -1,13 +1,15 @@
 """Prometheus metrics, registered on a registry the caller owns.
 
-Counters the hot path touches on every request (cache hits, JWT reuse) are
-plain integers kept by their owners and read by a collector at scrape time, so
-a cache hit costs no Prometheus lock. Labels are bounded: route names, outcome
-and reason ids, status codes; never a key, a user or a path.
+What the hot path touches on every request (requests by route and status, auth
+outcomes, upstream latency, requests in flight, cache hits, JWT reuse) is kept
+in plain integers and read by collectors at scrape time: the event loop is the
+only writer, so a request takes no Prometheus lock. Labels are bounded: route
+names, outcome and reason ids, status codes; never a key, a user or a path.
 """
 
 from __future__ import annotations
 
+import bisect
 import platform
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -21,8 +23,14 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
 from gateway.identity import CacheStats
@@ -112,6 +120,68 @@ class _DroppedLinesCollector(Collector):
         yield family
 
 
+# The `le` label of each bucket, +Inf last, spelled as prometheus_client spells it.
+_LE: Final = tuple(
+    floatToGoString(bound)  # type: ignore[no-untyped-call]
+    for bound in (*LATENCY_BUCKETS, float("inf"))
+)
+
+
+class _LatencyHistogram:
+    """One histogram series kept as bucket counts; exported cumulatively at scrape time."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(_LE)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for le, count in zip(_LE, self.counts, strict=True):
+            total += count
+            out.append((le, total))
+        return out
+
+
+class _RequestCollector(Collector):
+    """Exports the per-request counters `Metrics` keeps in plain integers."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        requests = CounterMetricFamily(
+            PREFIX + "requests", "Requests by route and status", labels=["route", "status"]
+        )
+        for (route, status), value in list(m.request_counts.items()):
+            requests.add_metric([route, str(status)], value)
+        yield requests
+        auth = CounterMetricFamily(
+            PREFIX + "auth", "Authentication decisions by outcome (reason id)", labels=["outcome"]
+        )
+        for outcome, value in list(m.auth_counts.items()):
+            auth.add_metric([outcome], value)
+        yield auth
+        upstream = HistogramMetricFamily(
+            PREFIX + "upstream_response_seconds",
+            "Time from forwarding to the upstream's response head, by route",
+            labels=["route"],
+        )
+        for route, histogram in list(m.upstream_latency.items()):
+            upstream.add_metric([route], histogram.buckets(), histogram.sum)
+        yield upstream
+        in_flight = GaugeMetricFamily(PREFIX + "requests_in_flight", "Requests being handled")
+        in_flight.add_metric([], m.in_flight)
+        yield in_flight
+
+
 class Metrics:
     """Every metric of the gateway. Tests pass a fresh `CollectorRegistry`."""
 
@@ -129,25 +199,6 @@ class Metrics:
             PREFIX + "tower_request_seconds",
             "Tower call latency by outcome",
             ["outcome"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.auth = Counter(
-            PREFIX + "auth",
-            "Authentication decisions by outcome (reason id)",
-            ["outcome"],
-            registry=registry,
-        )
-        self.requests = Counter(
-            PREFIX + "requests",
-            "Requests by route and status",
-            ["route", "status"],
-            registry=registry,
-        )
-        self.upstream_seconds = Histogram(
-            PREFIX + "upstream_response_seconds",
-            "Time from forwarding to the upstream's response head, by route",
-            ["route"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
@@ -169,9 +220,6 @@ class Metrics:
             PREFIX + "websocket_connections",
             "Open relayed WebSocket connections",
             registry=registry,
-        )
-        self.in_flight = Gauge(
-            PREFIX + "requests_in_flight", "Requests being handled", registry=registry
         )
         self.tower_circuit_state = Gauge(
             PREFIX + "tower_circuit_state",
@@ -211,9 +259,12 @@ class Metrics:
         )
         self.build = Info(PREFIX + "build", "Build information", registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})
-        self._request_children: dict[tuple[str, int], Counter] = {}
-        self._auth_children: dict[str, Counter] = {}
-        self._upstream_children: dict[str, Histogram] = {}
+        # Written by the request path, read by `_RequestCollector`.
+        self.in_flight = 0
+        self.request_counts: dict[tuple[str, int], int] = {}
+        self.auth_counts: dict[str, int] = {}
+        self.upstream_latency: dict[str, _LatencyHistogram] = {}
+        registry.register(_RequestCollector(self))
 
     def watch(self, read: Callable[[], tuple[CacheStats, int, int, int, int]]) -> None:
         self.registry.register(_StatsCollector(read))
@@ -229,21 +280,15 @@ class Metrics:
         self.tower_circuit_state.set(CIRCUIT_STATES[state])
 
     def count_request(self, route: str, status: int) -> None:
-        child = self._request_children.get((route, status))
-        if child is None:
-            child = self._request_children[(route, status)] = self.requests.labels(
-                route, str(status)
-            )
-        child.inc()
+        counts = self.request_counts
+        counts[route, status] = counts.get((route, status), 0) + 1
 
     def observe_upstream(self, route: str, seconds: float) -> None:
-        child = self._upstream_children.get(route)
-        if child is None:
-            child = self._upstream_children[route] = self.upstream_seconds.labels(route)
-        child.observe(seconds)
+        histogram = self.upstream_latency.get(route)
+        if histogram is None:
+            histogram = self.upstream_latency[route] = _LatencyHistogram()
+        histogram.observe(seconds)
 
     def count_auth(self, outcome: str) -> None:
-        child = self._auth_children.get(outcome)
-        if child is None:
-            child = self._auth_children[outcome] = self.auth.labels(outcome)
-        child.inc()
+        counts = self.auth_counts
+        counts[outcome] = counts.get(outcome, 0) + 1

@@ -1,8 +1,18 @@
 """HTTP forwarding: headers rewritten once, bodies streamed both ways, faults classified.
 
 Nothing is buffered whole: the request body is handed to the upstream as it
-arrives and the response body is written to the client chunk by chunk. One
-pooled `ClientSession` per upstream origin; no cookies are kept between clients.
+arrives and the response body is written to the client chunk by chunk. A
+response whose declared length fits in one chunk goes out as one write, its
+head with its body, as the first chunk of a streamed one would have been read
+whole before anything was written anyway. One pooled `ClientSession` per
+upstream origin; no cookies are kept between clients.
+
+`routes[].timeout` bounds the upstream: its time to send the response head once
+the request is out (aiohttp's `sock_read`, armed when the last byte of the
+request is written, so a slow upload is not a slow upstream), then its longest
+silence while it sends the body, as nginx's `proxy_read_timeout` does. A request
+with a body is also bounded while it is sent: the timeout restarts with every
+chunk the client delivers, so an upstream that stops reading is cut off too.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from aiohttp import (
     ClientSession,
     ClientTimeout,
     DummyCookieJar,
+    HttpVersion11,
     TCPConnector,
     hdrs,
     web,
@@ -91,6 +102,9 @@ IDENTITY_PREFIXES: Final = ("x-auth-", "x-gateway-", "x-tower-")
 RESPONSE_DROP: Final = HOP_BY_HOP | {"content-length"}
 MIN_SCRUBBED_KEY: Final = 8
 CHUNK: Final = 64 * 1024
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Answers that never carry a body, whatever their Content-Length says.
+BODILESS_STATUSES: Final = frozenset({100, 101, 102, 103, 204, 304})
 
 
 def canonical(name: str) -> str:
@@ -173,13 +187,14 @@ class Forwarder:
     def __init__(self, *, max_body_size: int | None) -> None:
         self._max_body = max_body_size
         self._sessions: dict[str, ClientSession] = {}
+        self._timeouts: dict[float, ClientTimeout] = {}  # per route timeout, built once
 
     def session(self, origin: str) -> ClientSession:
         session = self._sessions.get(origin)
         if session is None or session.closed:
             session = ClientSession(
                 connector=TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
-                timeout=ClientTimeout(total=None, sock_connect=10),
+                timeout=ClientTimeout(total=None, sock_connect=10),  # each request sets its own
                 auto_decompress=False,
                 cookie_jar=DummyCookieJar(),
                 skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING),
@@ -214,9 +229,20 @@ class Forwarder:
             f"{route.upstream_origin}{route.upstream_base}{path}{'?' + query if query else ''}",
             encoded=True,
         )
-        state = _BodyState(route.config.timeout)
-        body = self._body(request, state) if request.body_exists else None
         session = self.session(route.upstream_origin)
+        timeout = self._client_timeout(route.config.timeout)
+        if not request.body_exists:
+            try:
+                upstream = await session.request(
+                    request.method, url, headers=headers, allow_redirects=False, timeout=timeout
+                )
+            except (TimeoutError, ClientError, OSError) as exc:
+                raise _upstream_failure(exc, route) from None
+            return await self._relay(request, upstream, response_headers, route)
+
+        state = _BodyState(route.config.timeout)
+        # `clientguard.check_request` let through no other expectation.
+        state.expects_continue = request.version == HttpVersion11 and hdrs.EXPECT in request.headers
         try:
             async with asyncio.timeout(route.config.timeout) as state.deadline:
                 try:
@@ -224,9 +250,9 @@ class Forwarder:
                         request.method,
                         url,
                         headers=headers,
-                        data=body,
+                        data=self._body(request, state),
                         allow_redirects=False,
-                        compress=False,
+                        timeout=timeout,
                     )
                 finally:
                     state.deadline = None  # the body may outlive this block
@@ -242,16 +268,25 @@ class Forwarder:
                 raise BadRequest(
                     "the request body is malformed or incomplete", close=True
                 ) from None
-            if isinstance(exc, TimeoutError):
-                raise UpstreamTimeout(
-                    f"upstream did not answer within {route.config.timeout:g}s"
-                ) from None
-            # Refused, reset, or an answer that is not HTTP: the upstream failed.
-            raise UpstreamUnavailable(f"upstream unavailable ({type(exc).__name__})") from None
-        return await self._relay(request, upstream, response_headers)
+            raise _upstream_failure(exc, route) from None
+        return await self._relay(request, upstream, response_headers, route)
+
+    def _client_timeout(self, seconds: float) -> ClientTimeout:
+        timeout = self._timeouts.get(seconds)
+        if timeout is None:
+            timeout = self._timeouts[seconds] = ClientTimeout(
+                total=None, sock_connect=seconds, sock_read=seconds
+            )
+        return timeout
 
     async def _body(self, request: web.BaseRequest, state: _BodyState) -> AsyncIterator[bytes]:
         limit, seen = self._max_body, 0
+        if state.expects_continue:
+            # The request passed every check and the upstream is ready for the
+            # body: now the client may send it.
+            await request.writer.write(CONTINUE)
+            # Not part of the response: a failure after this may still answer.
+            request.writer.output_size = 0
         chunks = request.content.iter_any()
         while True:
             try:
@@ -274,18 +309,38 @@ class Forwarder:
         request: web.BaseRequest,
         upstream: ClientResponse,
         response_headers: Mapping[str, str],
+        route: Route,
     ) -> web.StreamResponse:
         try:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            headers: CIMultiDict[str] = CIMultiDict()
             tokens = connection_tokens(upstream.headers)
             for name, value in upstream.headers.items():
                 low = name.lower()
                 if low not in RESPONSE_DROP and low not in tokens:
-                    response.headers.add(name, value)
-            response.headers.update(response_headers)
-            length = upstream.headers.get(hdrs.CONTENT_LENGTH)
-            if length is not None and hdrs.TRANSFER_ENCODING not in upstream.headers:
-                response.content_length = int(length)
+                    headers.add(name, value)
+            headers.update(response_headers)
+            length = upstream.content_length
+            if hdrs.TRANSFER_ENCODING in upstream.headers:
+                length = None
+            if (
+                length is not None
+                and length <= CHUNK
+                and upstream.status not in BODILESS_STATUSES
+                and request.method != hdrs.METH_HEAD
+            ):
+                # All of it is one chunk: read it, then head and body in one write.
+                try:
+                    body = await upstream.content.readexactly(length)
+                except (TimeoutError, ClientError, OSError, asyncio.IncompleteReadError) as exc:
+                    raise _upstream_failure(exc, route) from None
+                return web.Response(
+                    status=upstream.status, reason=upstream.reason, headers=headers, body=body
+                )
+            response = web.StreamResponse(
+                status=upstream.status, reason=upstream.reason, headers=headers
+            )
+            if length is not None:
+                response.content_length = length
             await response.prepare(request)
             try:
                 async for chunk in upstream.content.iter_chunked(CHUNK):
@@ -304,6 +359,14 @@ class Forwarder:
             upstream.release()
 
 
+def _upstream_failure(exc: BaseException, route: Route) -> UpstreamTimeout | UpstreamUnavailable:
+    """What an upstream fault becomes: a 504 when it was too slow, else a 502."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"upstream did not answer within {route.config.timeout:g}s")
+    # Refused, reset, or an answer that is not HTTP: the upstream failed.
+    return UpstreamUnavailable(f"upstream unavailable ({type(exc).__name__})")
+
+
 class _TooLarge(Exception):
     """Raised inside the streamed request body to stop it: past `max_body_size`, or broken."""
 
@@ -311,13 +374,14 @@ class _TooLarge(Exception):
 class _BodyState:
     """What the streamed request body tells `forward` while it is being sent."""
 
-    __slots__ = ("client_failed", "deadline", "timeout", "too_large")
+    __slots__ = ("client_failed", "deadline", "expects_continue", "timeout", "too_large")
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.too_large = False  # passed `max_body_size`
         self.client_failed = False  # the client's body was malformed or cut off
         self.deadline: asyncio.Timeout | None = None
+        self.expects_continue = False  # the client waits for 100 Continue to send its body
 
     def progress(self) -> None:
         # The route timeout is the upstream's time to answer: while the client

@@ -275,14 +275,13 @@ class SocketRegistry:
         loop = asyncio.get_running_loop()
         # Leave time for the closing handshakes inside the server's own deadline.
         deadline = loop.time() + max(0.0, self._drain_timeout - CLOSE_TIMEOUT)
-        # Polled: the count lives in a Prometheus gauge, which cannot notify.
+        # Polled: the count is a plain integer of `Metrics`, which cannot notify.
         while self._http_in_flight() > 0 and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(DRAIN_POLL)
         await self.close_all()
 
-    def _http_in_flight(self) -> float:
-        in_flight = sum(s.value for m in self.metrics.in_flight.collect() for s in m.samples)
-        return in_flight - self._handlers
+    def _http_in_flight(self) -> int:
+        return self.metrics.in_flight - self._handlers
 
 
 async def close_all(gateway: Gateway, code: int = WSCloseCode.GOING_AWAY) -> None:
@@ -295,7 +294,7 @@ async def close_all(gateway: Gateway, code: int = WSCloseCode.GOING_AWAY) -> Non
 
 async def handle_websocket(
     gateway: Gateway,
-    request: web.Request,
+    request: web.BaseRequest,
     route: Route,
     path: str,
     query: str,
@@ -321,7 +320,7 @@ class _Handshake:
     def __init__(
         self,
         gateway: Gateway,
-        request: web.Request,
+        request: web.BaseRequest,
         route: Route,
         record: RequestRecord,
         parts: Components,
