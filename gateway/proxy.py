@@ -27,6 +27,7 @@ from aiohttp import (
     ClientConnectionError,
     ClientError,
     ClientPayloadError,
+    ClientRequest,
     ClientResponse,
     ClientSession,
     ClientTimeout,
@@ -37,6 +38,7 @@ from aiohttp import (
     web,
 )
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import LooseHeaders
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
@@ -181,6 +183,30 @@ def connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
     return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
 
 
+class UpstreamRequest(ClientRequest):
+    """An aiohttp client request that sends the headers it is given and no others.
+
+    aiohttp adds `Accept`, `Accept-Encoding`, `User-Agent` and, on a body without
+    one, `Content-Type` of its own; the upstream must get the client's request as
+    it was. The headers come from `HeaderPolicy` with `Host` set, so they are
+    taken in one copy instead of aiohttp's loop over them.
+    """
+
+    def update_headers(self, headers: LooseHeaders | None) -> None:
+        self.headers = CIMultiDict(headers or ())
+        if hdrs.HOST not in self.headers:
+            super().update_headers(headers)
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = NO_AUTO_HEADERS
+
+
+# Read-only: `UpstreamRequest` shares it among all requests.
+NO_AUTO_HEADERS: Final[CIMultiDict[None]] = CIMultiDict(
+    (name, None) for name in (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
+)
+
+
 class Forwarder:
     """Sends a request to its route's upstream and streams the answer back."""
 
@@ -197,7 +223,7 @@ class Forwarder:
                 timeout=ClientTimeout(total=None, sock_connect=10),  # each request sets its own
                 auto_decompress=False,
                 cookie_jar=DummyCookieJar(),
-                skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING),
+                request_class=UpstreamRequest,
             )
             self._sessions[origin] = session
         return session

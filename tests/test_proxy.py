@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 
 from gateway.app import request_id
 from tests.conftest import FakeUpstream, GatewayFactory, Harness, RawHandler
+from tests.security.conftest import exchange, request_bytes
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 GOOD = {"X-API-Key": "good-key-1"}
@@ -193,6 +194,37 @@ async def test_streamed_response_reaches_the_client_chunk_by_chunk(gw: Harness) 
 
 
 # --------------------------------------------------------------------------- headers
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_the_upstream_gets_no_header_the_client_did_not_send(
+    gw: Harness, method: str
+) -> None:
+    body = b"raw bytes" if method == "POST" else b""
+    result = await exchange(
+        gw.client.port,
+        request_bytes("/plain", ("X-API-Key", "good-key-1"), method=method, body=body),
+        first_reply=True,
+    )
+    assert result.replies[0].status == 200
+    seen = gw.upstream.seen[-1]
+    for added_by_http_clients in ("accept", "accept-encoding", "user-agent", "content-type"):
+        assert added_by_http_clients not in seen.headers
+    assert seen.body_size == len(body)
+
+
+async def test_content_negotiation_headers_pass_unchanged(gw: Harness) -> None:
+    sent = {
+        "Accept": "application/xml;q=0.9",
+        "Accept-Encoding": "identity",
+        "User-Agent": "legacy-client/1.0",
+        "Content-Type": "text/csv",
+    }
+    response = await gw.client.post("/plain", data=b"a,b", headers={**GOOD, **sent})
+    assert response.status == 200
+    seen = gw.upstream.seen[-1]
+    for name, value in sent.items():
+        assert seen.headers[name.lower()] == [value]
 
 
 async def test_hop_by_hop_request_headers_are_dropped(gw: Harness) -> None:
