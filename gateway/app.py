@@ -517,66 +517,52 @@ class Gateway:
         audited. `shadow`: policy denials are returned in `would_deny` instead of raised."""
         parts = parts if parts is not None else self.components
         try:
-            authorization = await self._decide(key, route, record, response_headers, parts, shadow)
+            # A fresh cached identity cannot be a guessed key: only lookups that may
+            # reach the tower (or a cached refusal) go through the throttle.
+            resolved = self.resolver.fresh_hit(key)
+            if resolved is None:
+                guard = parts.config.credentials
+                with self.failures.attempt(record.client, guard.failed_auth_per_minute):
+                    try:
+                        if not key_shape_ok(key, guard.key_format):
+                            # Not a key the tower could have issued: refused without asking it.
+                            raise InvalidKey("Invalid API key", reason="invalid_key")
+                        resolved = await self.resolver.resolve(key)
+                    except InvalidKey as exc:
+                        exc.headers = {hdrs.WWW_AUTHENTICATE: parts.www_authenticate}
+                        raise
+            identity = resolved.identity
+            record.identify(self.fingerprint(resolved), identity)
+            grants = parts.mapper.grants(identity)
+            record.role = grants.role
+            would_deny: GatewayError | None = None
+            missing = grants.missing(route.require)
+            if missing is not None:
+                record.missing = missing
+                would_deny = Forbidden(f"Missing required capability: {missing}")
+                if not shadow:
+                    raise would_deny
+            if self.limiter is not None:
+                per_minute = effective_limit(
+                    identity.rate_limit, parts.config.rate_limit.default_per_minute
+                )
+                if per_minute is not None:
+                    decision = await self.limiter.hit(resolved.digest.hex(), per_minute)
+                    response_headers.update(decision.headers())
+                    if not decision.allowed:
+                        limited = RateLimited("Rate limit exceeded", headers=decision.headers())
+                        if not shadow:
+                            self.metrics.rate_limited.inc()
+                            raise limited
+                        would_deny = would_deny or limited
+            record.decision, record.reason = "allow", resolved.source
+            token = self.minter.token_for(resolved.digest, identity, grants)
+            authorization = Authorization(resolved, grants, token, would_deny)
         except GatewayError as exc:
             self._audit_auth(record, exc, shadow=shadow)
             raise
         self._audit_auth(record, authorization.would_deny, shadow=shadow)
         return authorization
-
-    async def _decide(
-        self,
-        key: str,
-        route: Route,
-        record: RequestRecord,
-        response_headers: dict[str, str],
-        parts: Components,
-        shadow: bool,
-    ) -> Authorization:
-        challenge: dict[str, str] = {hdrs.WWW_AUTHENTICATE: parts.www_authenticate}
-        guard = parts.config.credentials
-        # A fresh cached identity cannot be a guessed key: only lookups that may
-        # reach the tower (or a cached refusal) go through the throttle.
-        hit = self.resolver.fresh_hit(key)
-        if hit is not None:
-            resolved = hit
-        else:
-            with self.failures.attempt(record.client, guard.failed_auth_per_minute):
-                try:
-                    if not key_shape_ok(key, guard.key_format):
-                        # Not a key the tower could have issued: refused without asking it.
-                        raise InvalidKey("Invalid API key", reason="invalid_key")
-                    resolved = await self.resolver.resolve(key)
-                except InvalidKey as exc:
-                    exc.headers = challenge
-                    raise
-        identity = resolved.identity
-        record.identify(self.fingerprint(resolved), identity)
-        grants = parts.mapper.grants(identity)
-        record.role = grants.role
-        would_deny: GatewayError | None = None
-        missing = grants.missing(route.require)
-        if missing is not None:
-            record.missing = missing
-            would_deny = Forbidden(f"Missing required capability: {missing}")
-            if not shadow:
-                raise would_deny
-        if self.limiter is not None:
-            per_minute = effective_limit(
-                identity.rate_limit, parts.config.rate_limit.default_per_minute
-            )
-            if per_minute is not None:
-                decision = await self.limiter.hit(resolved.digest.hex(), per_minute)
-                response_headers.update(decision.headers())
-                if not decision.allowed:
-                    limited = RateLimited("Rate limit exceeded", headers=decision.headers())
-                    if not shadow:
-                        self.metrics.rate_limited.inc()
-                        raise limited
-                    would_deny = would_deny or limited
-        record.decision, record.reason = "allow", resolved.source
-        token = self.minter.token_for(resolved.digest, identity, grants)
-        return Authorization(resolved, grants, token, would_deny)
 
 
 GATEWAY: Final[web.AppKey[Gateway]] = web.AppKey("gateway", Gateway)

@@ -22,6 +22,7 @@ Three guards, each cheap and each before any tower call:
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import math
 import re
@@ -52,8 +53,15 @@ MAX_METHOD_LENGTH: Final = 32
 _METHOD: Final = re.compile(rf"[A-Z][A-Z0-9_-]{{0,{MAX_METHOD_LENGTH - 1}}}")
 # host[:port]: a DNS name or IPv4 address, or an IPv6 literal; empty is allowed (RFC 9112 3.2).
 _HOST: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)?(?::[0-9]{1,5})?")
+COMMON_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 MAX_TRACKED_ADDRESSES: Final = 100_000
 IPV6_CLIENT_PREFIX: Final = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _host_ok(host: str) -> bool:
+    # Remembered: a gateway sees a handful of Host values, and this runs per request.
+    return _HOST.fullmatch(host) is not None
 
 
 def check_request(request: web.BaseRequest) -> None:
@@ -63,7 +71,7 @@ def check_request(request: web.BaseRequest) -> None:
         raise MethodNotAllowed(
             f"{method} is not supported by this gateway", headers={hdrs.ALLOW: ALLOW}, close=True
         )
-    if _METHOD.fullmatch(method) is None:
+    if method not in COMMON_METHODS and _METHOD.fullmatch(method) is None:
         # The detail does not quote the method: it is client input of any length.
         raise BadRequest(
             f"the method must be an upper-case token of at most {MAX_METHOD_LENGTH} characters",
@@ -76,7 +84,7 @@ def check_request(request: web.BaseRequest) -> None:
     hosts = request.headers.getall(hdrs.HOST, ())
     if (
         len(hosts) > 1
-        or (hosts and _HOST.fullmatch(hosts[0]) is None)
+        or (hosts and not _host_ok(hosts[0]))
         or (not hosts and version == HttpVersion11)
     ):
         # RFC 9112 3.2. The Host becomes X-Forwarded-Host, which upstreams trust

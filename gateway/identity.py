@@ -153,6 +153,17 @@ class _PositiveCache(LRUCache[bytes, _Entry]):
         except KeyError:
             return default
 
+    def fresh(self, key: bytes, now: float) -> _Entry | None:
+        """`get` for the hot path: one call, the LRU order touched, a dead entry dropped."""
+        try:
+            entry: _Entry = LRUCache.__getitem__(self, key)
+        except KeyError:
+            return None
+        if now >= entry.stale_until:
+            LRUCache.__delitem__(self, key)
+            return None
+        return entry
+
     def popitem(self) -> tuple[bytes, _Entry]:
         item = super().popitem()
         self._stats.evictions += 1
@@ -220,10 +231,10 @@ class IdentityResolver:
         (the per-address throttle on failed authentications).
         """
         digest = self.fingerprinter.digest(api_key)
-        entry = self._positive.get(digest)
+        now = self._clock()
+        entry = self._positive.fresh(digest, now)
         if entry is None:
             return None
-        now = self._clock()
         if now < entry.fresh_until and not entry.identity.expired(now):
             self.stats.hits += 1
             return Resolved(entry.identity, digest, "hit")

@@ -153,6 +153,11 @@ class HeaderPolicy:
         needles = [key for key in keys if len(key) >= MIN_SCRUBBED_KEY]
         if not needles:
             return
+        # One search over all the values first: a key is seldom sent twice. A key
+        # has no NUL, so no match spans two values.
+        joined = "\0".join(headers.values())
+        if not any(key in joined for key in needles):
+            return
         kept = [(n, v) for n, v in headers.items() if not any(k in v for k in needles)]
         if len(kept) != len(headers):
             headers.clear()

@@ -101,8 +101,9 @@ class TokenMinter:
         self._config = config
         self._key = key
         self._clock = clock
-        self._cache: LRUCache[tuple[bytes, Grants], tuple[str, float, _Claimed]] = LRUCache(
-            max_cached
+        # token, refresh time, what it claims, and the identity it was signed for
+        self._cache: LRUCache[tuple[bytes, Grants], tuple[str, float, _Claimed, Identity]] = (
+            LRUCache(max_cached)
         )
         self.minted = 0
         self.reused = 0
@@ -120,15 +121,23 @@ class TokenMinter:
         # mapper: a new mapping (a reload) yields new grants and so a new token.
         # The slot holds the grants itself, so a freed object's id is never reused.
         slot = (cache_key, grants)
-        cached = self._cache.get(slot)
+        try:
+            cached = LRUCache.__getitem__(self._cache, slot)
+        except KeyError:
+            cached = None
         # Reused only while the identity still says what the token says: a
         # fresh tower answer (a shortened expiry, a new team) gets a new token.
-        claimed = _claimed(identity)
-        if cached is not None and now < cached[1] and cached[2] == claimed:
+        # The same identity object says the same (identities are immutable).
+        if (
+            cached is not None
+            and now < cached[1]
+            and (cached[3] is identity or cached[2] == _claimed(identity))
+        ):
             self.reused += 1
             return cached[0]
         token, exp, iat = self._sign(identity, grants, now)
-        self._cache[slot] = (token, exp - (exp - iat) * REFRESH_FRACTION, claimed)
+        refresh_at = exp - (exp - iat) * REFRESH_FRACTION
+        self._cache[slot] = (token, refresh_at, _claimed(identity), identity)
         self.minted += 1
         return token
 
