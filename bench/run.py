@@ -10,7 +10,9 @@ with `proxy_cache` on the auth subrequest). It drives each with wrk for a
 bounded time and prints one table: requests/s, p50/p90/p99 latency, the ratio
 to the bare forwarder (f) and to nginx auth_request (h), tower calls, cache hit
 ratio and the proxy's peak RSS. Then the latency a gateway adds at one
-connection, and the memory one cached identity costs (100k keys).
+connection, the gateway/bare ratio again from interleaved pairs of short runs
+(steady where rows b and f, tens of seconds apart, see the machine's speed
+drift), and the memory one cached identity costs (100k keys).
 
 CPU placement (2 cores): the proxy under test runs on core 0; wrk, the upstream
 and the fake tower share core 1. Rows are comparable because every proxy gets
@@ -38,6 +40,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,6 +71,9 @@ ZIPF_KEYS: Final = 10_000
 ZIPF_S: Final = 1.1
 MEMORY_TARGET_MB: Final = 150.0
 STOP_GRACE: Final = 5.0
+BUDGET_MARGIN_S: Final = 20.0  # of --budget, kept for what follows the memory fill
+MEMORY_MIN_S: Final = 30.0  # the memory fill gets at least this, whatever the budget says
+PAIR_ROW: Final = "pair"  # --rows id that selects only the interleaved gateway/bare pairs
 
 
 class BenchError(RuntimeError):
@@ -804,10 +810,7 @@ class Bench:
     ) -> Row:
         """Warm up (cached rows on their own key, so the row is all hits; cold and Zipf rows
         on a key they never send), then one measured wrk run with counters around it."""
-        status, body = http_get(url + "/", headers={"X-API-Key": warm_key})
-        if status != 200:
-            raise BenchError(f"row {row.id}: sanity request answered {status}: {body[:200]!r}")
-        self.wrk(url, "cached.lua", [warm_key], duration=self.args.warmup)
+        self.warm_up(url, warm_key, f"row {row.id}")
         if self.args.settle > 0:
             row.settle_s = round(self.cpu.wait_quiet(self.args.quiet_below, self.args.settle), 1)
         pids = proxy.pids() if proxy is not None else []
@@ -873,6 +876,14 @@ class Bench:
                 f"statuses {row.gateway_statuses}, auth outcomes {row.auth_outcomes}"
             )
         return row
+
+    def warm_up(self, url: str, key: str, what: str) -> None:
+        """One sanity request (fails loudly on anything but 200), then --warmup seconds of
+        load on `key`: pools open and the cache holds the key before anything is measured."""
+        status, body = http_get(url + "/", headers={"X-API-Key": key})
+        if status != 200:
+            raise BenchError(f"{what}: sanity request answered {status}: {body[:200]!r}")
+        self.wrk(url, "cached.lua", [key], duration=self.args.warmup)
 
     def run_row(self, row: Row, fn: Callable[[Row], Row]) -> None:
         if self.args.rows and row.id not in self.args.rows:
@@ -1058,6 +1069,13 @@ class Bench:
                         rid, Row(rid, "nginx", auth=rid == "h", error=str(exc).splitlines()[0])
                     )
 
+        rows = set(self.args.rows or ())
+        if self.args.pairs and (not rows or {"b", "f", PAIR_ROW} & rows):
+            try:
+                self.paired()
+            except BenchError as exc:
+                say(f"interleaved pairs failed: {exc}")
+                self.extra["paired"] = {"error": str(exc).splitlines()[0]}
         if not self.args.skip_memory:
             try:
                 self.memory()
@@ -1094,6 +1112,123 @@ class Bench:
             "added_p99_us": via.latency_us["p99"] - direct.latency_us["p99"],
         }
 
+    def paired(self) -> None:
+        """Gateway (as row b) and bare forwarder (as row f) measured in alternating short
+        slices, for the b/f ratio.
+
+        Rows b and f are measured tens of seconds apart, and on a shared machine its speed
+        drifts over that time: their ratio moved from 0.72 to 0.92 between runs. Here both
+        run at once on the proxy core, taking turns under load (only one is loaded at any
+        moment), and each pair of slices gives one ratio from two runs seconds apart; the
+        order alternates (g,b then b,g) so drift within a pair cancels too. The median over
+        pairs is the figure; min-max shows how much the pairs agreed.
+        """
+        pairs, seconds = self.args.pairs, self.args.pair_seconds
+        say(f"interleaved pairs: gateway / bare forwarder, {pairs} x 2 x {seconds}s ...")
+        deadline = self._pairs_deadline()
+        slices: list[dict[str, Any]] = []
+        rps_ratios: list[float] = []
+        cpu_ratios: list[float] = []
+        with self.gateway("gateway-pair") as gw, self.bare_forwarder() as bare:
+            self.warm_up(gw.url, CACHED_KEY, "pairs, gateway")
+            self.warm_up(bare.url, CACHED_KEY, "pairs, bare forwarder")
+            settle = (
+                self.cpu.wait_quiet(self.args.quiet_below, self.args.settle)
+                if self.args.settle > 0
+                else 0.0
+            )
+            longest = 0.0
+            for pair in range(1, pairs + 1):
+                if deadline is not None and slices and time.monotonic() + longest > deadline:
+                    say(f"  stopping after {pair - 1} of {pairs} pairs: --budget")
+                    break
+                started = time.monotonic()
+                order = ((gw, "gateway"), (bare, "bare"))
+                got = {
+                    role: self._pair_slice(proxy, role, pair, seconds)
+                    for proxy, role in (order if pair % 2 else order[::-1])
+                }
+                longest = max(longest, time.monotonic() - started)
+                slices += got.values()
+                g, b = got["gateway"], got["bare"]
+                rps_ratio = g["rps"] / b["rps"]
+                cpu_ratio = (
+                    b["cpu_us_per_request"] / g["cpu_us_per_request"]
+                    if g["cpu_us_per_request"] and b["cpu_us_per_request"]
+                    else None
+                )
+                rps_ratios.append(round(rps_ratio, 3))
+                if cpu_ratio is not None:
+                    cpu_ratios.append(round(cpu_ratio, 3))
+                say(
+                    f"  pair {pair} ({'g,b' if pair % 2 else 'b,g'}): gateway {g['rps']:,.0f} "
+                    f"req/s {_fmt(g['cpu_us_per_request'], '.0f')} µs/req, bare "
+                    f"{b['rps']:,.0f} req/s {_fmt(b['cpu_us_per_request'], '.0f')} µs/req -> "
+                    f"req/s {rps_ratio:.2f}, CPU {_fmt(cpu_ratio, '.2f')}"
+                )
+
+        def of(role: str, key: str) -> list[float]:
+            return [s[key] for s in slices if s["proxy"] == role and s[key] is not None]
+
+        rps_mid, rps_lo, rps_hi = _spread(rps_ratios)
+        cpu_mid, cpu_lo, cpu_hi = _spread(cpu_ratios)
+        self.extra["paired"] = {
+            "pairs": len(rps_ratios),
+            "pairs_requested": pairs,
+            "slice_s": seconds,
+            "rps_ratio_median": rps_mid,
+            "rps_ratio_min": rps_lo,
+            "rps_ratio_max": rps_hi,
+            "cpu_ratio_median": cpu_mid,
+            "cpu_ratio_min": cpu_lo,
+            "cpu_ratio_max": cpu_hi,
+            "gateway_cpu_us_median": _spread(of("gateway", "cpu_us_per_request"), 1)[0],
+            "bare_cpu_us_median": _spread(of("bare", "cpu_us_per_request"), 1)[0],
+            "gateway_rps_median": _spread(of("gateway", "rps"), 1)[0],
+            "bare_rps_median": _spread(of("bare", "rps"), 1)[0],
+            "rps_ratios": rps_ratios,
+            "cpu_ratios": cpu_ratios,
+            "failed_requests": sum(s["failed"] for s in slices),
+            "foreign_cpu_cores_max": max(s["foreign_cpu_cores"] for s in slices),
+            "settle_s": round(settle, 1),
+            "slices": slices,
+        }
+
+    def _pairs_deadline(self) -> float | None:
+        """When the last pair must end for the run to stay in --budget (None: no budget),
+        keeping the memory fill its minimum; the pairs stop early rather than overrun."""
+        if not self.args.budget:
+            return None
+        reserve = BUDGET_MARGIN_S + (0.0 if self.args.skip_memory else MEMORY_MIN_S)
+        budget: float = self.args.budget
+        return self.started + budget - reserve
+
+    def _pair_slice(self, proxy: Proxy, role: str, pair: int, seconds: float) -> dict[str, Any]:
+        """One slice of the interleaved pairs: wrk on the cached key for `seconds`, with the
+        proxy's CPU ticks around it, as `measure` counts them."""
+        pids = proxy.pids()
+        cpu = self.cpu.start()
+        ticks = {pid: _proc_ticks(pid) for pid in pids}
+        result = self.wrk(proxy.url, "cached.lua", [CACHED_KEY], duration=seconds)
+        wall = time.monotonic() - cpu[0]
+        used_s = sum(_proc_ticks(pid) - before for pid, before in ticks.items()) / CLK_TCK
+        if not result.requests:
+            raise BenchError(f"pair {pair}, {role}: no request answered in {seconds:g}s")
+        if result.failed:
+            say(f"  pair {pair}, {role}: {result.failed} failed requests {result.errors}")
+        return {
+            "pair": pair,
+            "proxy": role,
+            "rps": round(result.rps, 1),
+            "requests": result.requests,
+            "failed": result.failed,
+            "cpu_us_per_request": round(used_s / result.requests * 1e6, 1) if used_s else None,
+            "proxy_cpu_cores": round(used_s / wall, 2),
+            "foreign_cpu_cores": round(self.cpu.foreign_cores(cpu), 3),
+            "p50_ms": result.latency_us["p50"] / 1000,
+            "p99_ms": result.latency_us["p99"] / 1000,
+        }
+
     def memory(self) -> None:
         """Fill a fresh gateway's cache with N identities; RSS per identity."""
         keys = self.args.memory_keys
@@ -1111,8 +1246,8 @@ class Bench:
             budget = self.args.memory_timeout
             if self.args.budget:
                 # What is left of the whole run's time budget, keeping some for the rest.
-                left = self.args.budget - (time.monotonic() - self.started) - 20
-                budget = max(30.0, min(budget, left))
+                left = self.args.budget - (time.monotonic() - self.started) - BUDGET_MARGIN_S
+                budget = max(MEMORY_MIN_S, min(budget, left))
 
             def loaded() -> bool:
                 return self.tower_count()["distinct"] - tower_before["distinct"] >= keys
@@ -1248,6 +1383,19 @@ def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _spread(
+    values: Sequence[float], digits: int = 3
+) -> tuple[float | None, float | None, float | None]:
+    """Median, min and max of `values`, rounded (None for each when there are none)."""
+    if not values:
+        return None, None, None
+    return (
+        round(statistics.median(values), digits),
+        round(min(values), digits),
+        round(max(values), digits),
+    )
+
+
 def _cpu(cores: Sequence[float]) -> str:
     """Busy processes only (a gateway's supervisor or nginx's master idle at ~0)."""
     busy = [c for c in cores if c >= 0.05]
@@ -1323,6 +1471,9 @@ def format_extra(extra: dict[str, Any], rows: dict[str, Row]) -> str:
             else ""
         )
         lines.append(f"gateway (b) / bare forwarder (f): req/s {b.rps / f.rps:.2f}{by_cpu}")
+    pairs = extra.get("paired")
+    if pairs:
+        lines.append(format_pairs(pairs))
     if b and c and b.rps and c.rps:
         lines.append(f"--workers 2 speedup (c)/(b): {c.rps / b.rps:.2f}x")
     if d and d.rps and d.tower_calls is not None:
@@ -1345,6 +1496,38 @@ def format_extra(extra: dict[str, Any], rows: dict[str, Row]) -> str:
         "bg cpu = cores used by processes outside the benchmark"
     )
     return "\n".join(lines)
+
+
+def format_pairs(pairs: dict[str, Any]) -> str:
+    """The interleaved gateway/bare figure: medians over pairs, with the range across them."""
+    if "error" in pairs:
+        return f"gateway / bare forwarder, interleaved pairs: failed: {pairs['error']}"
+    if not pairs["pairs"]:
+        return "gateway / bare forwarder, interleaved pairs: no pair measured"
+    by_cpu = (
+        f"; by CPU per request median {pairs['cpu_ratio_median']:.2f} "
+        f"({pairs['cpu_ratio_min']:.2f}-{pairs['cpu_ratio_max']:.2f}) (gateway "
+        f"{pairs['gateway_cpu_us_median']:.0f} vs bare {pairs['bare_cpu_us_median']:.0f} µs)"
+        if pairs["cpu_ratio_median"] is not None
+        else ""
+    )
+    notes = [
+        f"{pairs['pairs']} of {pairs['pairs_requested']} pairs (--budget)"
+        if pairs["pairs"] < pairs["pairs_requested"]
+        else "",
+        f"{pairs['failed_requests']:,} failed requests" if pairs["failed_requests"] else "",
+        f"other processes used up to {pairs['foreign_cpu_cores_max']:.2f} core"
+        if pairs["foreign_cpu_cores_max"] > 0.1
+        else "",
+    ]
+    note = "; ".join(n for n in notes if n)
+    return (
+        f"gateway / bare forwarder, interleaved {pairs['pairs']} x {pairs['slice_s']:g} s "
+        f"pairs: req/s ratio median {pairs['rps_ratio_median']:.2f} "
+        f"({pairs['rps_ratio_min']:.2f}-{pairs['rps_ratio_max']:.2f}){by_cpu} "
+        f"(gateway {pairs['gateway_rps_median']:,.0f} vs bare {pairs['bare_rps_median']:,.0f} "
+        "req/s)" + (f" [{note}]" if note else "")
+    )
 
 
 def write_chart(rows: dict[str, Row], path: Path) -> bool:
@@ -1448,7 +1631,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
     parser.add_argument("--out", default=str(BENCH_DIR / "results"), help="results folder")
     parser.add_argument(
-        "--rows", help="only these rows, comma-separated (a,b,b-rl,b-log,c,d,e,f,g,h)"
+        "--rows",
+        help="only these rows, comma-separated (a,b,b-rl,b-log,c,d,e,e-warm,f,g,h); "
+        f"{PAIR_ROW!r} = the interleaved gateway/bare pairs, which also run with b or f",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        help="interleaved gateway/bare forwarder pairs of slices for the b/f ratio "
+        "(5; quick 3; 0 = none)",
+    )
+    parser.add_argument(
+        "--pair-seconds",
+        type=int,
+        help="seconds of wrk per slice of a pair (3; quick 2)",
     )
     parser.add_argument(
         "--memory-keys",
@@ -1471,9 +1667,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget",
         type=float,
-        default=290.0,
-        help="seconds the whole run should take at most; the memory fill "
-        "gets what the rows leave (290; 0 = no budget)",
+        default=330.0,
+        help="seconds the whole run should take at most; the interleaved pairs stop "
+        "early rather than leave the memory fill under its minimum, and the memory fill "
+        "gets what the rows and pairs leave (330; 0 = no budget)",
     )
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-one-connection", action="store_true")
@@ -1517,6 +1714,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.memory_keys = args.memory_keys or (20_000 if args.quick else 100_000)
     args.one_connection_duration = args.one_connection_duration or (2.0 if args.quick else 5.0)
     args.rows = [r.strip() for r in args.rows.split(",")] if args.rows else None
+    args.pairs = args.pairs if args.pairs is not None else (3 if args.quick else 5)
+    args.pair_seconds = args.pair_seconds or (2 if args.quick else 3)
+    if args.pairs < 0 or args.pair_seconds < 1:
+        parser.error("--pairs must be 0 or more and --pair-seconds at least 1")
     args.profile = [p.strip() for p in args.profile.split(",")] if args.profile else None
     for scenario in args.profile or ():
         if scenario not in ("cached", "cold", "zipf", "bare"):
@@ -1594,8 +1795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if pin
             else "unpinned"
         )
-        + f"; wrk -t1 -c{args.connections}, {args.duration:g}s per row "
-        f"after {args.warmup:g}s warm-up"
+        + f"; wrk -t1 -c{args.connections}"
+        + (f", {args.duration:g}s per row after {args.warmup:g}s warm-up" if bench.rows else "")
     )
     if bench.rows:
         print(format_table(bench.rows))

@@ -542,10 +542,9 @@ class Gateway:
                 would_deny = Forbidden(f"Missing required capability: {missing}")
                 if not shadow:
                     raise would_deny
-            if self.limiter is not None:
-                per_minute = effective_limit(
-                    identity.rate_limit, parts.config.rate_limit.default_per_minute
-                )
+            default_limit = parts.config.rate_limit.default_per_minute
+            if self.limiter is not None and (identity.rate_limit is not None or default_limit > 0):
+                per_minute = effective_limit(identity.rate_limit, default_limit)
                 if per_minute is not None:
                     decision = await self.limiter.hit(resolved.digest.hex(), per_minute)
                     response_headers.update(decision.headers())
