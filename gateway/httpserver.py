@@ -30,6 +30,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     TransferEncodingError,
 )
+from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
@@ -54,6 +55,9 @@ MALFORMED_DETAIL: Final = "the request is not valid HTTP/1.1"
 # this keeps the pure-Python parser in line with it.
 MAX_CHUNK_SIZE: Final = 2**62
 CHUNK_OVERFLOW_DETAIL: Final = "a chunk size is beyond any real body"
+# aiohttp's parser for this process: llhttp, or its own pure-Python one
+# (`AIOHTTP_NO_EXTENSIONS=1`, or no C extension for the platform).
+PURE_PYTHON_PARSER: Final = HttpRequestParser is HttpRequestParserPy
 
 
 def describe(exc: BaseException | None) -> str:
@@ -72,7 +76,7 @@ class GatewayRequestHandler(RequestHandler):
         if self._close or self._force_close:
             return
         broken = _framing_error(self._messages)
-        overflowing = _overflowing_body(self._parser)
+        overflowing = _overflowing_body(self._parser) if PURE_PYTHON_PARSER else None
         if broken is None and overflowing is None:
             return
         # aiohttp's C parser, failing in the middle of a body whose head it has
@@ -194,9 +198,11 @@ class GatewayRunner(web.AppRunner):
         server = await super()._make_server()
         # The application built a plain `web.Server` with every keyword its
         # `handler_args` and this runner supply; the same again, as a GatewayServer.
+        answer = self.app.get(ANSWER)
         return GatewayServer(
-            self.app.get(ANSWER, server.request_handler),
-            request_factory=server.request_factory,
+            answer or server.request_handler,
+            # The gateway's handler needs no router state: plain `BaseRequest`s.
+            request_factory=None if answer else server.request_factory,
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,
             **server._kwargs,

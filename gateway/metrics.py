@@ -280,8 +280,8 @@ class Metrics:
         self.tower_circuit_state.set(CIRCUIT_STATES[state])
 
     def count_request(self, route: str, status: int) -> None:
-        counts = self.request_counts
-        counts[route, status] = counts.get((route, status), 0) + 1
+        counts, key = self.request_counts, (route, status)
+        counts[key] = counts.get(key, 0) + 1
 
     def observe_upstream(self, route: str, seconds: float) -> None:
         histogram = self.upstream_latency.get(route)
