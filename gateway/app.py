@@ -39,10 +39,16 @@ from gateway.errors import (
     RateLimited,
 )
 from gateway.explain import SHADOW_STATUSES
-from gateway.httpserver import ANSWER, answer_everything
+from gateway.httpserver import ANSWER, REQUEST_ID, answer_everything
 from gateway.identity import CacheStats, Fingerprinter, IdentityResolver, Resolved, derive_secret
 from gateway.metrics import Metrics
-from gateway.proxy import Forwarder, HeaderPolicy, IPNetwork, connection_tokens, forwarded_for
+from gateway.proxy import (
+    Forwarder,
+    HeaderPolicy,
+    IPNetwork,
+    add_forwarding,
+    connection_tokens,
+)
 from gateway.ratelimit import (
     MemoryRateLimiter,
     RateLimiter,
@@ -58,7 +64,6 @@ from gateway.websocket import SocketRegistry
 
 log = logging.getLogger("tower_gateway")
 
-REQUEST_ID: Final = "X-Request-Id"
 # Tells the upstream of a shadow route (`enforce: false`) what enforcement would have done.
 SHADOW_DECISION: Final = "X-Gateway-Shadow-Decision"
 _REQUEST_ID_OK: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -398,9 +403,10 @@ class Gateway:
         # Read once: a reload swaps `self.components`, and this request finishes on these.
         parts = self.components
         record.client = client_address(request, parts.trusted_proxies)
-        record.method, record.path = request.method, request.path
-        check_request(request)
         raw_path, _, query = request.raw_path.partition("?")
+        # Logged as sent (still %-escaped): what the client asked for, not a decoding of it.
+        record.method, record.path = request.method, raw_path
+        check_request(request)
         path = normalise_path(raw_path)
         if query and _has_query_key(query):
             raise BadRequest(
@@ -440,13 +446,7 @@ class Gateway:
         else:
             record.decision, record.reason = "public", "public_route"
 
-        headers["X-Forwarded-For"] = forwarded_for(request, parts.trusted_proxies)
-        headers["X-Forwarded-Proto"] = request.scheme
-        if request.host:
-            headers["X-Forwarded-Host"] = request.host
-        headers[REQUEST_ID] = record.request_id
-        preserve = route.config.preserve_host and request.host
-        headers[hdrs.HOST] = request.host if preserve else route.upstream_host
+        add_forwarding(headers, request, route, parts.trusted_proxies, record.request_id)
 
         upstream_started = time.perf_counter()
         response = await self.forwarder.forward(

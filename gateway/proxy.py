@@ -44,6 +44,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.errors import BadRequest, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
+from gateway.httpserver import REQUEST_ID
 from gateway.routes import Route
 
 log = logging.getLogger("tower_gateway.proxy")
@@ -179,6 +180,24 @@ def forwarded_for(request: web.BaseRequest, trusted: tuple[IPNetwork, ...]) -> s
     except ValueError:
         return remote
     return f"{prior}, {remote}" if any(peer in net for net in trusted) else remote
+
+
+def add_forwarding(
+    headers: CIMultiDict[str],
+    request: web.BaseRequest,
+    route: Route,
+    trusted: tuple[IPNetwork, ...],
+    request_id: str,
+) -> None:
+    """The headers the gateway sets for the upstream: X-Forwarded-For/-Proto/-Host,
+    X-Request-Id and Host, in place of any the client sent."""
+    host = request.host
+    headers["X-Forwarded-For"] = forwarded_for(request, trusted)
+    headers["X-Forwarded-Proto"] = request.scheme
+    if host:
+        headers["X-Forwarded-Host"] = host
+    headers[REQUEST_ID] = request_id
+    headers[hdrs.HOST] = host if route.config.preserve_host and host else route.upstream_host
 
 
 def connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:

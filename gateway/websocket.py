@@ -65,8 +65,9 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.httpserver import REQUEST_ID
 from gateway.metrics import PREFIX, Metrics
-from gateway.proxy import HeaderPolicy, forwarded_for
+from gateway.proxy import HeaderPolicy, add_forwarding
 from gateway.routes import Route
 
 if TYPE_CHECKING:
@@ -74,7 +75,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tower_gateway.websocket")
 
-REQUEST_ID: Final = "X-Request-Id"  # the same header `gateway.app` keeps or assigns
 
 # Before authentication a client gets only this much: an auth message is tiny,
 # and an unauthenticated peer must not make the gateway parse big documents.
@@ -396,13 +396,7 @@ class _Handshake:
             # protocols and extensions are negotiated per hop.
             if not name.lower().startswith("sec-websocket-")
         )
-        out["X-Forwarded-For"] = forwarded_for(request, self.parts.trusted_proxies)
-        out["X-Forwarded-Proto"] = request.scheme
-        if request.host:
-            out["X-Forwarded-Host"] = request.host
-        out[REQUEST_ID] = self.record.request_id
-        preserve = self.route.config.preserve_host and request.host
-        out[hdrs.HOST] = request.host if preserve else self.route.upstream_host
+        add_forwarding(out, request, self.route, self.parts.trusted_proxies, self.record.request_id)
         return out
 
     async def _connect(
