@@ -7,6 +7,7 @@ responses in exactly one place, `Gateway.handle`.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -21,7 +22,7 @@ from urllib.parse import unquote_plus
 import redis.asyncio
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 from prometheus_client import CollectorRegistry
 
 from gateway.accesslog import AccessLog, RequestRecord
@@ -136,6 +137,7 @@ class Components:
     mapper: CapabilityMapper
     headers: HeaderPolicy
     www_authenticate: str
+    jwt_header: istr  # `jwt.header`, case-folded once
     trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
@@ -151,6 +153,7 @@ def build_components(config: Config) -> Components:
         mapper=CapabilityMapper(config),
         headers=HeaderPolicy(blocked),
         www_authenticate='Bearer realm="tower-gateway", ApiKey header="X-API-Key"',
+        jwt_header=istr(config.jwt.header),
         trusted_proxies=tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in config.server.trusted_proxies
         ),
@@ -383,6 +386,15 @@ class Gateway:
             if record.decision is None:
                 record.decision = "deny" if exc.status in (401, 403, 429) else "error"
             response = error_response(exc, record.request_id)
+            if hdrs.EXPECT in request.headers and not request.content.is_eof():
+                # Refused before `100 Continue`: the client may send its body or
+                # not, so nothing more on this connection can be told apart from
+                # it. Answered, then closed (not left waiting for that body).
+                response.force_close()
+                with contextlib.suppress(ConnectionError):
+                    await response.prepare(request)
+                    await response.write_eof()
+                request.protocol.force_close()
         except Exception:
             log.exception("unhandled error in request %s", record.request_id)
             record.reason, record.decision = "internal_error", "error"
@@ -442,7 +454,7 @@ class Gateway:
                 self.metrics.count_auth("success" if denied is None else denied.reason)
                 if denied is not None:
                     self._would_deny(route, record, denied, headers)
-                headers[parts.config.jwt.header] = f"Bearer {authorization.token}"
+                headers[parts.jwt_header] = f"Bearer {authorization.token}"
         else:
             record.decision, record.reason = "public", "public_route"
 

@@ -12,11 +12,11 @@ from collections.abc import Iterable
 from typing import Final
 
 from aiohttp import hdrs
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 
 from gateway.errors import BadRequest
 
-X_API_KEY: Final = "X-API-Key"
+X_API_KEY: Final = istr("X-API-Key")  # case-folded once, as aiohttp's `hdrs` names
 SOURCE_HEADERS: Final = {"x-api-key": X_API_KEY, "authorization": hdrs.AUTHORIZATION}
 # Schemes of `Authorization` that carry an API key; anything else (Basic,
 # Digest, ...) is "not mine" and stays the upstream's business.

@@ -172,8 +172,10 @@ def forwarded_for(request: web.BaseRequest, trusted: tuple[IPNetwork, ...]) -> s
     """X-Forwarded-For for the upstream: the peer's address, after the chain the peer
     reported when it is a trusted proxy (a client's own header is never passed on)."""
     remote = request.remote or ""
-    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
-    if not prior or not trusted:
+    if not trusted:
+        return remote
+    prior = ", ".join(request.headers.getall(hdrs.X_FORWARDED_FOR, ()))
+    if not prior:
         return remote
     try:
         peer = ipaddress.ip_address(remote)
@@ -192,10 +194,10 @@ def add_forwarding(
     """The headers the gateway sets for the upstream: X-Forwarded-For/-Proto/-Host,
     X-Request-Id and Host, in place of any the client sent."""
     host = request.host
-    headers["X-Forwarded-For"] = forwarded_for(request, trusted)
-    headers["X-Forwarded-Proto"] = request.scheme
+    headers[hdrs.X_FORWARDED_FOR] = forwarded_for(request, trusted)
+    headers[hdrs.X_FORWARDED_PROTO] = request.scheme
     if host:
-        headers["X-Forwarded-Host"] = host
+        headers[hdrs.X_FORWARDED_HOST] = host
     headers[REQUEST_ID] = request_id
     headers[hdrs.HOST] = host if route.config.preserve_host and host else route.upstream_host
 
