@@ -7,12 +7,12 @@ head with its body, as the first chunk of a streamed one would have been read
 whole before anything was written anyway. One pooled `ClientSession` per
 upstream origin; no cookies are kept between clients.
 
-`routes[].timeout` bounds the upstream: its time to send the response head once
-the request is out (aiohttp's `sock_read`, armed when the last byte of the
-request is written, so a slow upload is not a slow upstream), then its longest
-silence while it sends the body, as nginx's `proxy_read_timeout` does. A request
-with a body is also bounded while it is sent: the timeout restarts with every
-chunk the client delivers, so an upstream that stops reading is cut off too.
+`routes[].timeout` bounds the upstream (`gateway.deadlines`, one tick for all
+requests rather than a timer each): its time to send the response head, and a
+small body with it, then its longest silence while it streams a larger body, as
+nginx's `proxy_read_timeout` does. While the client uploads, the deadline
+restarts with every chunk it delivers, so a slow upload is not a slow upstream,
+yet one that stalls, or an upstream that stops reading, is cut off.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.deadlines import Deadlines
 from gateway.errors import BadRequest, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.httpserver import REQUEST_ID
 from gateway.routes import Route
@@ -239,14 +240,16 @@ class Forwarder:
     def __init__(self, *, max_body_size: int | None) -> None:
         self._max_body = max_body_size
         self._sessions: dict[str, ClientSession] = {}
-        self._timeouts: dict[float, ClientTimeout] = {}  # per route timeout, built once
+        self._deadlines = Deadlines()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def session(self, origin: str) -> ClientSession:
         session = self._sessions.get(origin)
         if session is None or session.closed:
             session = ClientSession(
                 connector=TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
-                timeout=ClientTimeout(total=None, sock_connect=10),  # each request sets its own
+                # Each exchange runs under its route's deadline (`gateway.deadlines`).
+                timeout=ClientTimeout(total=None, sock_connect=10),
                 auto_decompress=False,
                 cookie_jar=DummyCookieJar(),
                 request_class=UpstreamRequest,
@@ -282,38 +285,39 @@ class Forwarder:
             encoded=True,
         )
         session = self.session(route.upstream_origin)
-        timeout = self._client_timeout(route.config.timeout)
-        if not request.body_exists:
-            try:
-                upstream = await session.request(
-                    request.method, url, headers=headers, allow_redirects=False, timeout=timeout
-                )
-            except (TimeoutError, ClientError, OSError) as exc:
-                raise _upstream_failure(exc, route) from None
-            return await self._relay(request, upstream, response_headers, route)
-
-        state = _BodyState(route.config.timeout)
-        # `clientguard.check_request` let through no other expectation.
-        state.expects_continue = request.version == HttpVersion11 and hdrs.EXPECT in request.headers
+        seconds = route.config.timeout
+        task = self._current_task()
+        state: _BodyState | None = None
+        data: AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            state = _BodyState(self._deadlines, task, seconds)
+            # `clientguard.check_request` let through no other expectation.
+            state.expects_continue = (
+                request.version == HttpVersion11 and hdrs.EXPECT in request.headers
+            )
+            data = self._body(request, state)
+        deadlines = self._deadlines
+        deadlines.arm(task, seconds)
         try:
-            async with asyncio.timeout(route.config.timeout) as state.deadline:
-                try:
-                    upstream = await session.request(
-                        request.method,
-                        url,
-                        headers=headers,
-                        data=self._body(request, state),
-                        allow_redirects=False,
-                        timeout=timeout,
-                    )
-                finally:
-                    state.deadline = None  # the body may outlive this block
-        except (TimeoutError, ClientError, OSError, _TooLarge) as exc:
+            upstream = await session.request(
+                request.method, url, headers=headers, data=data, allow_redirects=False
+            )
+            try:
+                whole = await _read_whole(request, upstream)
+            except BaseException:
+                upstream.close()
+                raise
+        except asyncio.CancelledError:
+            if deadlines.finish(task):
+                raise _upstream_failure(TimeoutError(), route) from None
+            raise
+        except (TimeoutError, ClientError, OSError, _TooLarge, asyncio.IncompleteReadError) as exc:
+            deadlines.finish(task)
             # aiohttp reports a failing body as a connection error: the flag,
             # not the exception type, says the client sent too much.
-            if state.too_large:
+            if state is not None and state.too_large:
                 raise PayloadTooLarge(f"request body larger than {self._max_body} bytes") from None
-            if state.client_failed:
+            if state is not None and state.client_failed:
                 # The client's body broke its own framing (or the client left): the
                 # upstream got a cut-off request, the client a 400, and nothing more
                 # is read from this connection.
@@ -321,15 +325,19 @@ class Forwarder:
                     "the request body is malformed or incomplete", close=True
                 ) from None
             raise _upstream_failure(exc, route) from None
-        return await self._relay(request, upstream, response_headers, route)
+        except BaseException:
+            deadlines.finish(task)
+            raise
+        deadlines.finish(task)
+        return await self._relay(request, upstream, response_headers, whole, task, seconds)
 
-    def _client_timeout(self, seconds: float) -> ClientTimeout:
-        timeout = self._timeouts.get(seconds)
-        if timeout is None:
-            timeout = self._timeouts[seconds] = ClientTimeout(
-                total=None, sock_connect=seconds, sock_read=seconds
-            )
-        return timeout
+    def _current_task(self) -> asyncio.Task[object]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)  # the loop passed: no lookup of the running one
+        assert task is not None
+        return task
 
     async def _body(self, request: web.BaseRequest, state: _BodyState) -> AsyncIterator[bytes]:
         limit, seen = self._max_body, 0
@@ -361,7 +369,9 @@ class Forwarder:
         request: web.BaseRequest,
         upstream: ClientResponse,
         response_headers: Mapping[str, str],
-        route: Route,
+        whole: bytes | None,
+        task: asyncio.Task[object],
+        seconds: float,
     ) -> web.StreamResponse:
         try:
             headers: CIMultiDict[str] = CIMultiDict()
@@ -371,44 +381,76 @@ class Forwarder:
                 if low not in RESPONSE_DROP and low not in tokens:
                     headers.add(name, value)
             headers.update(response_headers)
-            length = upstream.content_length
-            if hdrs.TRANSFER_ENCODING in upstream.headers:
-                length = None
-            if (
-                length is not None
-                and length <= CHUNK
-                and upstream.status not in BODILESS_STATUSES
-                and request.method != hdrs.METH_HEAD
-            ):
-                # All of it is one chunk: read it, then head and body in one write.
-                try:
-                    body = await upstream.content.readexactly(length)
-                except (TimeoutError, ClientError, OSError, asyncio.IncompleteReadError) as exc:
-                    raise _upstream_failure(exc, route) from None
+            if whole is not None:
+                # Head and body in one write.
                 return web.Response(
-                    status=upstream.status, reason=upstream.reason, headers=headers, body=body
+                    status=upstream.status, reason=upstream.reason, headers=headers, body=whole
                 )
             response = web.StreamResponse(
                 status=upstream.status, reason=upstream.reason, headers=headers
             )
+            length = _declared_length(upstream)
             if length is not None:
                 response.content_length = length
             await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_chunked(CHUNK):
-                    await response.write(chunk)
-            except (ClientPayloadError, ClientConnectionError, TimeoutError) as exc:
-                # Too late for a 502: the status line is out. Cut the
-                # connection so the client sees a truncated response.
-                log.warning("upstream response broke off: %s", type(exc).__name__)
-                response.force_close()
-                if request.transport is not None:
-                    request.transport.close()
-                return response
+            deadlines, content = self._deadlines, upstream.content
+            while True:
+                # The deadline counts the upstream's silence, not a slow client's.
+                deadlines.arm(task, seconds)
+                try:
+                    chunk = await content.read(CHUNK)
+                except asyncio.CancelledError:
+                    if not deadlines.finish(task):
+                        raise
+                    return _broken_off(request, upstream, response, "TimeoutError")
+                except (ClientPayloadError, ClientConnectionError) as exc:
+                    deadlines.finish(task)
+                    return _broken_off(request, upstream, response, type(exc).__name__)
+                except BaseException:
+                    deadlines.finish(task)
+                    raise
+                deadlines.finish(task)
+                if not chunk:
+                    break
+                await response.write(chunk)
             await response.write_eof()
             return response
         finally:
             upstream.release()
+
+
+def _declared_length(upstream: ClientResponse) -> int | None:
+    """The body's length, when the upstream said it (and not in chunks)."""
+    if hdrs.TRANSFER_ENCODING in upstream.headers:
+        return None
+    return upstream.content_length
+
+
+async def _read_whole(request: web.BaseRequest, upstream: ClientResponse) -> bytes | None:
+    """The whole body when it fits in one chunk (so the answer can go out in one write),
+    else None: it is streamed."""
+    length = _declared_length(upstream)
+    if (
+        length is None
+        or length > CHUNK
+        or upstream.status in BODILESS_STATUSES
+        or request.method == hdrs.METH_HEAD
+    ):
+        return None
+    return await upstream.content.readexactly(length)
+
+
+def _broken_off(
+    request: web.BaseRequest, upstream: ClientResponse, response: web.StreamResponse, why: str
+) -> web.StreamResponse:
+    """Too late for a 502: the status line is out. The connection is cut so the client
+    sees a truncated response."""
+    log.warning("upstream response broke off: %s", why)
+    upstream.close()
+    response.force_close()
+    if request.transport is not None:
+        request.transport.close()
+    return response
 
 
 def _upstream_failure(exc: BaseException, route: Route) -> UpstreamTimeout | UpstreamUnavailable:
@@ -426,19 +468,25 @@ class _TooLarge(Exception):
 class _BodyState:
     """What the streamed request body tells `forward` while it is being sent."""
 
-    __slots__ = ("client_failed", "deadline", "expects_continue", "timeout", "too_large")
+    __slots__ = (
+        "client_failed",
+        "deadlines",
+        "expects_continue",
+        "seconds",
+        "task",
+        "too_large",
+    )
 
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
+    def __init__(self, deadlines: Deadlines, task: asyncio.Task[object], seconds: float) -> None:
+        self.deadlines = deadlines
+        self.task = task  # the request's, whose deadline the body's progress restarts
+        self.seconds = seconds
         self.too_large = False  # passed `max_body_size`
         self.client_failed = False  # the client's body was malformed or cut off
-        self.deadline: asyncio.Timeout | None = None
         self.expects_continue = False  # the client waits for 100 Continue to send its body
 
     def progress(self) -> None:
         # The route timeout is the upstream's time to answer: while the client
         # is still sending, it restarts with every chunk, so a slow upload is
         # not a slow upstream, yet a stalled one is still cut off.
-        deadline = self.deadline
-        if deadline is not None and not deadline.expired():
-            deadline.reschedule(asyncio.get_running_loop().time() + self.timeout)
+        self.deadlines.restart(self.task, self.seconds)
