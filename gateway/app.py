@@ -440,8 +440,9 @@ class Gateway:
         if route.config.auth:
             shadow = not route.config.enforce
             try:
-                authorization = await self._authenticate(
-                    request, route, record, response_headers, parts, shadow=shadow
+                key = self._key(request, record, parts, shadow=shadow)
+                authorization = await self.authorize(
+                    key, route, record, response_headers, parts=parts, shadow=shadow
                 )
             except GatewayError as exc:
                 self.metrics.count_auth(exc.reason)
@@ -478,17 +479,10 @@ class Gateway:
         self.metrics.would_deny.labels(route.name, denial.reason).inc()
         headers[SHADOW_DECISION] = f"deny; reason={denial.reason}"
 
-    async def _authenticate(
-        self,
-        request: web.BaseRequest,
-        route: Route,
-        record: RequestRecord,
-        response_headers: dict[str, str],
-        parts: Components,
-        *,
-        shadow: bool = False,
-    ) -> Authorization:
-        """Key -> identity -> grants -> policy -> rate limit -> JWT; raises a denial."""
+    def _key(
+        self, request: web.BaseRequest, record: RequestRecord, parts: Components, *, shadow: bool
+    ) -> str:
+        """The request's key; a missing or malformed one is refused (and audited)."""
         try:
             key = parts.extractor.extract(request.headers)
             if key is None:
@@ -499,9 +493,7 @@ class Gateway:
         except GatewayError as exc:
             self._audit_auth(record, exc, shadow=shadow)
             raise
-        return await self.authorize(
-            key, route, record, response_headers, parts=parts, shadow=shadow
-        )
+        return key
 
     def _audit_auth(
         self, record: RequestRecord, denial: GatewayError | None, *, shadow: bool

@@ -329,7 +329,18 @@ class Forwarder:
             deadlines.finish(task)
             raise
         deadlines.finish(task)
-        return await self._relay(request, upstream, response_headers, whole, task, seconds)
+        if whole is not None:
+            # Head and body in one write.
+            try:
+                return web.Response(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=_response_headers(upstream, response_headers),
+                    body=whole,
+                )
+            finally:
+                upstream.release()
+        return await self._relay(request, upstream, response_headers, task, seconds)
 
     def _current_task(self) -> asyncio.Task[object]:
         loop = self._loop
@@ -369,25 +380,15 @@ class Forwarder:
         request: web.BaseRequest,
         upstream: ClientResponse,
         response_headers: Mapping[str, str],
-        whole: bytes | None,
         task: asyncio.Task[object],
         seconds: float,
     ) -> web.StreamResponse:
+        """Streams a body too large for one chunk, or of unknown length."""
         try:
-            headers: CIMultiDict[str] = CIMultiDict()
-            tokens = connection_tokens(upstream.headers)
-            for name, value in upstream.headers.items():
-                low = name.lower()
-                if low not in RESPONSE_DROP and low not in tokens:
-                    headers.add(name, value)
-            headers.update(response_headers)
-            if whole is not None:
-                # Head and body in one write.
-                return web.Response(
-                    status=upstream.status, reason=upstream.reason, headers=headers, body=whole
-                )
             response = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=headers
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=_response_headers(upstream, response_headers),
             )
             length = _declared_length(upstream)
             if length is not None:
@@ -417,6 +418,19 @@ class Forwarder:
             return response
         finally:
             upstream.release()
+
+
+def _response_headers(upstream: ClientResponse, extra: Mapping[str, str]) -> CIMultiDict[str]:
+    """The upstream's headers less hop-by-hop ones (and those its `Connection` names) and
+    `Content-Length` (aiohttp sets it), plus the gateway's own."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    tokens = connection_tokens(upstream.headers)
+    for name, value in upstream.headers.items():
+        low = name.lower()
+        if low not in RESPONSE_DROP and low not in tokens:
+            headers.add(name, value)
+    headers.update(extra)
+    return headers
 
 
 def _declared_length(upstream: ClientResponse) -> int | None:
