@@ -40,7 +40,7 @@ from gateway.errors import (
     RateLimited,
 )
 from gateway.explain import SHADOW_STATUSES
-from gateway.httpserver import ANSWER, REQUEST_ID, answer_everything
+from gateway.httpserver import ANSWER, REQUEST_ID
 from gateway.identity import CacheStats, Fingerprinter, IdentityResolver, Resolved, derive_secret
 from gateway.metrics import Metrics
 from gateway.proxy import (
@@ -304,10 +304,8 @@ class Gateway:
         app[GATEWAY] = self
         app.cleanup_ctx.append(self._lifespan)
         app.on_shutdown.append(self.sockets.on_shutdown)
-        # [\s\S], not `.`: a path whose %0A decodes to a newline is still the gateway's to
-        # answer (and log), not aiohttp's bare 404.
-        app.router.add_route("*", r"/{tail:[\s\S]*}", self.handle)
-        app.middlewares.append(answer_everything(self.handle))
+        # Every request, whatever its path or method, goes to `handle`: served by
+        # `GatewayRunner` (as `serve` and `demo` do), the app has no routes of its own.
         app[ANSWER] = self.handle
         return app
 
