@@ -9,7 +9,8 @@ does not. This runs the proxy under test inside valgrind's callgrind with
 instrumentation off, warms it, counts the user-space instructions of exactly N
 cached-key requests, and does the same for the bare aiohttp forwarder. The
 requests carry what wrk sends in bench/run.py (Host and X-API-Key), from a client
-in this process, to the same upstream and fake tower (bench/servers.py). System
+in this process, to the gateway of row b (`run.gateway_config`) and the same
+upstream and fake tower (bench/servers.py). System
 calls are not counted: the kernel's share per request is about the same for both
 (the gateway makes one write fewer), so the ratio is the user-space cost ratio.
 
@@ -24,9 +25,7 @@ import contextlib
 import datetime
 import json
 import os
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,18 +38,9 @@ from typing import Final
 
 import aiohttp
 
-BENCH_DIR: Final = Path(__file__).resolve().parent
-ROOT: Final = BENCH_DIR.parent
-HOST: Final = "127.0.0.1"
-KEY: Final = "k-1"
+from run import BENCH_DIR, CACHED_KEY, HOST, ROOT, bench_env, free_port, gateway_config
+
 WARM_REQUESTS: Final = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_http(url: str, timeout: float) -> None:
@@ -87,7 +77,7 @@ async def drive(url: str, count: int, concurrency: int) -> int:
         async def worker() -> None:
             nonlocal bad
             for _ in queue:
-                async with session.get(url, headers={"X-API-Key": KEY}) as response:
+                async with session.get(url, headers={"X-API-Key": CACHED_KEY}) as response:
                     await response.read()
                     bad += response.status != 200
 
@@ -155,14 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     args.valgrind = ensure_valgrind()
     python = os.path.realpath(sys.executable)  # valgrind must see the interpreter, not a shim
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "TOWER_API_KEY": "bench-tower-key-" + secrets.token_hex(8),
-        "TOWER_SECRET": "bench-tower-secret-" + secrets.token_hex(8),
-        "GATEWAY_JWT_SECRET": secrets.token_hex(32),
-        "GATEWAY_ADMIN_TOKEN": "bench-admin-" + secrets.token_hex(12),
-    }
+    env = bench_env()
     up, tower = free_port(), free_port()
     servers = BENCH_DIR / "servers.py"
     with tempfile.TemporaryDirectory(prefix="tg-instructions-") as tmp:
@@ -174,22 +157,7 @@ def main() -> None:
             wait_http(f"http://{HOST}:{up}/", 30)
             wait_http(f"http://{HOST}:{tower}/", 30)
             port, ops = free_port(), free_port()
-            config = {
-                "server": {"host": HOST, "port": port, "shutdown_timeout": 2},
-                "ops": {"host": HOST, "port": ops},
-                "tower": {"url": f"http://{HOST}:{tower}", "timeout": 30.0},
-                "cache": {"ttl": 3600},
-                "routes": [
-                    {
-                        "path": "/",
-                        "upstream": f"http://{HOST}:{up}",
-                        "require": ["execute:read_file"],
-                    }
-                ],
-                "rate_limit": {"default_per_minute": 0},
-                "credentials": {"failed_auth_per_minute": 0},
-                "log": {"access": False, "audit": None},
-            }
+            config = gateway_config(f"http://{HOST}:{up}", f"http://{HOST}:{tower}", port, ops)
             (work / "gateway.yaml").write_text(json.dumps(config))  # JSON is YAML
             print(f"gateway: {args.requests} cached-key requests under callgrind ...", flush=True)
             gateway = measure(

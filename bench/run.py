@@ -478,6 +478,65 @@ def gateway_config_keys(section: str) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def bench_env() -> dict[str, str]:
+    """The environment of every process the benchmark starts, with fresh secrets."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "TOWER_API_KEY": "bench-tower-key-" + secrets.token_hex(8),
+        "TOWER_SECRET": "bench-tower-secret-" + secrets.token_hex(8),
+        "GATEWAY_JWT_SECRET": secrets.token_hex(32),
+        "GATEWAY_ADMIN_TOKEN": "bench-admin-" + secrets.token_hex(12),
+        "BENCH_LUA_DIR": str(WRK_DIR),
+    }
+
+
+def log_section(files: Path | None) -> dict[str, object]:
+    """Request logging off, so it does not dominate; or, with `files` (a path prefix), on
+    and written to files. Keys the gateway's config does not have (an older tree) are left
+    out."""
+    known = gateway_config_keys("log")
+    section: dict[str, object] = {"level": "WARNING", "access": files is not None}
+    if files is not None:
+        if "file" in known:
+            section["file"] = f"{files}-access.log"
+        if "audit" in known:
+            section["audit"] = f"{files}-audit.log"
+    elif "audit" in known:
+        section["audit"] = None
+    return {k: v for k, v in section.items() if k in known}
+
+
+def gateway_config(
+    upstream_url: str,
+    tower_url: str,
+    port: int,
+    ops_port: int,
+    *,
+    per_minute: float = 0,
+    max_entries: int = 100_000,
+    log: dict[str, object] | None = None,
+) -> dict[str, object]:
+    """The gateway every row runs: one route needing `execute:read_file` (granted through
+    the fake tower's `tools:execute` scope), long cache TTL, no limits unless asked."""
+    return {
+        "server": {"host": HOST, "port": port, "shutdown_timeout": 2},
+        "ops": {"host": HOST, "port": ops_port},
+        "tower": {"url": tower_url, "timeout": 5.0},
+        "cache": {"ttl": 3600, "max_entries": max_entries},
+        "routes": [{"path": "/", "upstream": upstream_url, "require": ["execute:read_file"]}],
+        "rate_limit": {"default_per_minute": per_minute},
+        # The failed-authentication throttle is limiting too: off, like rate_limit, so
+        # thousands of new keys a second from one address (wrk) are measured, not refused.
+        **(
+            {"credentials": {"failed_auth_per_minute": 0}}
+            if "failed_auth_per_minute" in gateway_config_keys("credentials")
+            else {}
+        ),
+        "log": log if log is not None else log_section(None),
+    }
+
+
 # --------------------------------------------------------------------------- nginx
 
 
@@ -589,15 +648,7 @@ class Bench:
         self.cpu = CpuMeter()
         self.rows: dict[str, Row] = {}
         self.extra: dict[str, Any] = {}
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            "TOWER_API_KEY": "bench-tower-key-" + secrets.token_hex(8),
-            "TOWER_SECRET": "bench-tower-secret-" + secrets.token_hex(8),
-            "GATEWAY_JWT_SECRET": secrets.token_hex(32),
-            "GATEWAY_ADMIN_TOKEN": "bench-admin-" + secrets.token_hex(12),
-            "BENCH_LUA_DIR": str(WRK_DIR),
-        }
+        self.env = bench_env()
         self._wrk_runs = 0
         self.started = time.monotonic()
         self.upstream_url = ""
@@ -698,24 +749,15 @@ class Bench:
         logging_on: bool = False,
     ) -> Iterator[Proxy]:
         port, ops_port = free_port(), free_port()
-        config = {
-            "server": {"host": HOST, "port": port, "shutdown_timeout": 2},
-            "ops": {"host": HOST, "port": ops_port},
-            "tower": {"url": self.tower_url, "timeout": 5.0},
-            "cache": {"ttl": 3600, "max_entries": max_entries},
-            "routes": [
-                {"path": "/", "upstream": self.upstream_url, "require": ["execute:read_file"]}
-            ],
-            "rate_limit": {"default_per_minute": per_minute},
-            # The failed-authentication throttle is limiting too: off, like rate_limit, so
-            # thousands of new keys a second from one address (wrk) are measured, not refused.
-            **(
-                {"credentials": {"failed_auth_per_minute": 0}}
-                if "failed_auth_per_minute" in gateway_config_keys("credentials")
-                else {}
-            ),
-            "log": self.log_section(name, logging_on),
-        }
+        config = gateway_config(
+            self.upstream_url,
+            self.tower_url,
+            port,
+            ops_port,
+            per_minute=per_minute,
+            max_entries=max_entries,
+            log=log_section(self.workdir / name if logging_on else None),
+        )
         path = self.workdir / f"{name}.yaml"
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
         argv = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
@@ -729,20 +771,6 @@ class Bench:
             yield proxy
         finally:
             self.procs.stop(proc)
-
-    def log_section(self, name: str, logging_on: bool) -> dict[str, object]:
-        """Request logging off, so it does not dominate; or, for one row, on and written to
-        files. Keys the gateway's config does not have (an older tree) are left out."""
-        known = gateway_config_keys("log")
-        section: dict[str, object] = {"level": "WARNING", "access": logging_on}
-        if logging_on:
-            if "file" in known:
-                section["file"] = str(self.workdir / f"{name}-access.log")
-            if "audit" in known:
-                section["audit"] = str(self.workdir / f"{name}-audit.log")
-        elif "audit" in known:
-            section["audit"] = None
-        return {k: v for k, v in section.items() if k in known}
 
     @contextlib.contextmanager
     def bare_forwarder(self) -> Iterator[Proxy]:
