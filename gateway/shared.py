@@ -545,7 +545,7 @@ class RevocationBus:
                     self._received(message.get("data"))
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                await pubsub.aclose()
 
     def _subscribed(self) -> None:
         self._delay = BACKOFF_START
