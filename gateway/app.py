@@ -25,12 +25,25 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, istr
 from prometheus_client import CollectorRegistry
 
-from gateway.accesslog import AccessLog, RequestRecord
-from gateway.audit import AuditLog
-from gateway.capabilities import CapabilityMapper, Grants
-from gateway.clientguard import FailureThrottle, check_request, key_shape_ok
+from gateway.auth.capabilities import CapabilityMapper, Grants
+from gateway.auth.clientguard import FailureThrottle, check_request, key_shape_ok
+from gateway.auth.credentials import CredentialExtractor
+from gateway.auth.identity import (
+    CacheStats,
+    Fingerprinter,
+    IdentityResolver,
+    Resolved,
+    derive_secret,
+)
+from gateway.auth.ratelimit import (
+    MemoryRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    effective_limit,
+)
+from gateway.auth.routes import Route, RouteTable, normalise_path
+from gateway.auth.tokens import SigningKey, TokenMinter, load_signing_key
 from gateway.config import Config
-from gateway.credentials import CredentialExtractor
 from gateway.errors import (
     BadRequest,
     Forbidden,
@@ -39,29 +52,22 @@ from gateway.errors import (
     MissingKey,
     RateLimited,
 )
-from gateway.explain import SHADOW_STATUSES
-from gateway.httpserver import ANSWER, REQUEST_ID
-from gateway.identity import CacheStats, Fingerprinter, IdentityResolver, Resolved, derive_secret
-from gateway.metrics import Metrics
-from gateway.proxy import (
+from gateway.http.server import ANSWER, REQUEST_ID
+from gateway.ops.accesslog import AccessLog, RequestRecord
+from gateway.ops.audit import AuditLog
+from gateway.ops.explain import SHADOW_STATUSES
+from gateway.ops.metrics import Metrics
+from gateway.ops.reload import Reloader
+from gateway.proxy.forwarder import (
     Forwarder,
     HeaderPolicy,
     IPNetwork,
     add_forwarding,
     connection_tokens,
 )
-from gateway.ratelimit import (
-    MemoryRateLimiter,
-    RateLimiter,
-    RedisRateLimiter,
-    effective_limit,
-)
-from gateway.reload import Reloader
-from gateway.routes import Route, RouteTable, normalise_path
-from gateway.shared import LOCK_MARGIN, Replicas, redis_client
-from gateway.tokens import SigningKey, TokenMinter, load_signing_key
+from gateway.replicas.shared import LOCK_MARGIN, Replicas, redis_client
 from gateway.tower import Tower
-from gateway.websocket import SocketRegistry
+from gateway.websocket.handshake import SocketRegistry
 
 log = logging.getLogger("tower_gateway")
 
@@ -310,12 +316,12 @@ class Gateway:
         return app
 
     def ops_app(self) -> web.Application:
-        from gateway.ops import create_ops_app
+        from gateway.ops.listener import create_ops_app
 
         return create_ops_app(self)
 
     def apply_config(self, config: Config) -> None:
-        """Swap in a reloaded config (`gateway.reload`): one assignment, so a request that
+        """Swap in a reloaded config (`gateway.ops.reload`): one assignment, so a request that
         read `components` before it keeps all of the old, and one after gets all of the new."""
         self.components = build_components(config)
         self.config = config
@@ -430,7 +436,7 @@ class Gateway:
         parts.headers.scrub(headers, parts.extractor.candidates(request.headers))
         response_headers: dict[str, str] = {REQUEST_ID: record.request_id}
         if route.config.websocket and _is_upgrade(request):
-            from gateway.websocket import handle_websocket
+            from gateway.websocket.handshake import handle_websocket
 
             return await handle_websocket(
                 self, request, route, path, query, headers, record, parts=parts

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from gateway.auth.identity import Fingerprinter, IdentityResolver
 from gateway.config import CacheConfig, TowerConfig
 from gateway.errors import InvalidKey, TowerUnavailable
-from gateway.identity import Fingerprinter, IdentityResolver
 from gateway.tower.client import RemoteTower
 from tests.conftest import TOWER_API_KEY, TOWER_SECRET, FakeTower, GatewayFactory, Harness
 

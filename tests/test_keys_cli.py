@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.cli.keys import register
 from gateway.config import load_config
-from gateway.keys_cli import register
 from gateway.tower import keyformat
 from gateway.tower.local import KeyStore, resolve_hash_secret
 
@@ -227,7 +227,7 @@ def test_tower_serve_answers_until_sigterm(tmp_path: Path, store: KeyStore) -> N
         [
             sys.executable,
             "-m",
-            "gateway.keys_cli",
+            "gateway.cli.keys",
             "tower",
             "serve",
             "--config",

@@ -12,7 +12,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway.ratelimit import (
+from gateway.auth.ratelimit import (
     MAX_PER_MINUTE,
     MIN_PER_MINUTE,
     Decision,

@@ -22,10 +22,10 @@ import yaml
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
-from gateway.admin import config_json
 from gateway.app import Gateway
 from gateway.config import load_config
-from gateway.reload import merge
+from gateway.ops.admin import config_json
+from gateway.ops.reload import merge
 from tests.conftest import (
     ADMIN_TOKEN,
     ENV,

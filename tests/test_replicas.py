@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 import redis.asyncio
 
-from gateway.shared import sign_webhook
+from gateway.replicas.shared import sign_webhook
 from tests.conftest import ADMIN_TOKEN, GatewayFactory, Harness
 from tests.redis_support import RedisServer
 

@@ -17,14 +17,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.auth.credentials import CredentialExtractor
+from gateway.auth.routes import RouteTable, normalise_path
 from gateway.config import Config, parse_config, parse_config_text
-from gateway.credentials import CredentialExtractor
 from gateway.errors import BadRequest, ConfigError, NotFound, TowerFault
-from gateway.proxy import HeaderPolicy, canonical
-from gateway.routes import RouteTable, normalise_path
+from gateway.proxy.forwarder import HeaderPolicy, canonical
 from gateway.tower import MAX_FIELD_LENGTH, Identity, Rejection, parse_answer
 from gateway.tower.client import RemoteTower
-from gateway.websocket import Ending, _auth_key
+from gateway.websocket.handshake import Ending, _auth_key
 from tests.conftest import ENV
 
 # Hypothesis imports its patch writer to report a failure, and that import (through

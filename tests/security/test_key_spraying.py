@@ -21,10 +21,10 @@ import aiohttp
 import pytest
 import uvloop
 
-from gateway.clientguard import FailureThrottle, client_bucket
+from gateway.auth.clientguard import FailureThrottle, client_bucket
+from gateway.auth.identity import Fingerprinter, IdentityResolver
 from gateway.config import CacheConfig, parse_config
 from gateway.errors import InvalidKey, RateLimited
-from gateway.identity import Fingerprinter, IdentityResolver
 from gateway.tower import Identity, Rejection
 from gateway.tower.keyformat import generate
 from tests.conftest import ENV, GatewayFactory, Harness

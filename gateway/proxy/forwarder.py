@@ -7,7 +7,7 @@ head with its body, as the first chunk of a streamed one would have been read
 whole before anything was written anyway. One pooled `ClientSession` per
 upstream origin; no cookies are kept between clients.
 
-`routes[].timeout` bounds the upstream (`gateway.deadlines`, one tick for all
+`routes[].timeout` bounds the upstream (`gateway.proxy.deadlines`, one tick for all
 requests rather than a timer each): its time to send the response head, and a
 small body with it, then its longest silence while it streams a larger body, as
 nginx's `proxy_read_timeout` does. While the client uploads, the deadline
@@ -43,10 +43,10 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.deadlines import Deadlines
+from gateway.auth.routes import Route
 from gateway.errors import BadRequest, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
-from gateway.httpserver import REQUEST_ID
-from gateway.routes import Route
+from gateway.http.server import REQUEST_ID
+from gateway.proxy.deadlines import Deadlines
 
 log = logging.getLogger("tower_gateway.proxy")
 
@@ -248,7 +248,7 @@ class Forwarder:
         if session is None or session.closed:
             session = ClientSession(
                 connector=TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
-                # Each exchange runs under its route's deadline (`gateway.deadlines`).
+                # Each exchange runs under its route's deadline (`gateway.proxy.deadlines`).
                 timeout=ClientTimeout(total=None, sock_connect=10),
                 auto_decompress=False,
                 cookie_jar=DummyCookieJar(),

@@ -45,9 +45,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from gateway.auth.identity import Fetch, SharedEntry, entry_bounds
 from gateway.config import CacheConfig
 from gateway.errors import TowerFault
-from gateway.identity import Fetch, SharedEntry, entry_bounds
 from gateway.tower import REJECTION_REASONS, Identity, Rejection
 
 log = logging.getLogger("tower_gateway.shared")
@@ -192,7 +192,7 @@ class SharedStats:
 
 
 class SharedIdentityCache:
-    """The identity cache level replicas share (`gateway.identity.SharedLevel`) on Redis.
+    """The identity cache level replicas share (`gateway.auth.identity.SharedLevel`) on Redis.
 
     A lookup claims the digest with one script: a fresh entry is the answer; otherwise the
     first replica takes a short lock and calls the tower, and the others poll until its answer

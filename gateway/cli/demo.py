@@ -26,7 +26,7 @@ from aiohttp import web
 from gateway.app import Gateway
 from gateway.config import Config, load_config, parse_config_text
 from gateway.errors import ConfigError
-from gateway.httpserver import GatewayRunner
+from gateway.http.server import GatewayRunner
 
 DEMO_USER: Final = "demo-user"
 DEMO_ROLE: Final = "operator"
@@ -122,7 +122,7 @@ async def _self_test(config: Config, key: str) -> bool:
 
 
 async def _run(config: Config, key: str, self_test: bool) -> int:
-    from gateway.demo_upstream import create_demo_upstream
+    from gateway.cli.demo_upstream import create_demo_upstream
 
     gateway = Gateway(config)
     signing = gateway.signing_key
@@ -181,7 +181,7 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         return 2
     key = create_demo_key(config)
-    from gateway.serve import run
+    from gateway.runtime.serve import run
 
     result = 1
     exit_code: list[int] = []

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.credentials import SOURCE_HEADERS
+from gateway.auth.credentials import SOURCE_HEADERS
+from gateway.auth.ratelimit import effective_limit
+from gateway.auth.routes import Route, normalise_path
 from gateway.errors import BadRequest, GatewayError, InvalidKey, NotFound
-from gateway.ratelimit import effective_limit
-from gateway.routes import Route, normalise_path
 from gateway.tower import Identity
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from cachetools import LRUCache
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from gateway.capabilities import Grants
+from gateway.auth.capabilities import Grants
 from gateway.config import JwtConfig
 from gateway.errors import ConfigError
 from gateway.tower import Identity

@@ -1,6 +1,6 @@
 """Run a gateway: the proxy and ops listeners, signals, and a bounded graceful drain.
 
-SIGTERM/SIGINT stop it; SIGHUP reloads the config file (`gateway.reload`) and
+SIGTERM/SIGINT stop it; SIGHUP reloads the config file (`gateway.ops.reload`) and
 reopens the log files.
 """
 
@@ -17,8 +17,8 @@ from aiohttp import web
 
 from gateway.app import Gateway
 from gateway.config import Config
-from gateway.httpserver import GatewayRunner
-from gateway.reload import shadow_routes
+from gateway.http.server import GatewayRunner
+from gateway.ops.reload import shadow_routes
 
 log = logging.getLogger("tower_gateway.serve")
 

@@ -74,7 +74,7 @@ def open_log_file(path: str, setting: str) -> IO[str]:
 class AccessLog:
     """Writes JSON lines to a stream from a background thread; never blocks the caller.
 
-    Also the writer of the audit stream (`gateway.audit`): any dict goes through `emit`.
+    Also the writer of the audit stream (`gateway.ops.audit`): any dict goes through `emit`.
     """
 
     def __init__(

@@ -54,7 +54,7 @@ from multidict import CIMultiDict
 from prometheus_client import Counter
 from yarl import URL
 
-from gateway.accesslog import RequestRecord
+from gateway.auth.routes import Route
 from gateway.errors import (
     BadRequest,
     Forbidden,
@@ -65,10 +65,10 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.httpserver import REQUEST_ID
-from gateway.metrics import PREFIX, Metrics
-from gateway.proxy import HeaderPolicy, add_forwarding
-from gateway.routes import Route
+from gateway.http.server import REQUEST_ID
+from gateway.ops.accesslog import RequestRecord
+from gateway.ops.metrics import PREFIX, Metrics
+from gateway.proxy.forwarder import HeaderPolicy, add_forwarding
 
 if TYPE_CHECKING:
     from gateway.app import Authorization, Components, Gateway

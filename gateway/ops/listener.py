@@ -2,7 +2,7 @@
 
 `/admin/*` needs `Authorization: Bearer {admin.token}` (compared in constant
 time); with no admin token configured it does not exist (404). The cache
-endpoints are here; audit, config, explain and reload are in `gateway.admin`.
+endpoints are here; audit, config, explain and reload are in `gateway.ops.admin`.
 Every admin action, and every refused admin request, is an audit event.
 """
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.admin import add_admin_routes, admin_client, audited_webhook
+from gateway.ops.admin import add_admin_routes, admin_client, audited_webhook
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

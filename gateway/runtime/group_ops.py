@@ -3,7 +3,7 @@
 `/metrics` scrapes every worker's private ops socket and returns one exposition in
 which every sample carries a `worker` label; admin calls that change state go to
 every worker, reads are merged (audit, cache stats) or answered by the first
-worker that can. Worker processes themselves are run by `gateway.workers`.
+worker that can. Worker processes themselves are run by `gateway.runtime.workers`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from gateway.workers import WORKER_LABEL, Reply, WorkerGroup
+from gateway.runtime.workers import WORKER_LABEL, Reply, WorkerGroup
 
 log = logging.getLogger("tower_gateway.workers")
 
@@ -156,8 +156,8 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
     answer being the first refusal or else the first reply, with each worker's
     reply listed under "workers".
     """
-    from gateway.audit import parse_limit
-    from gateway.ops import admin_guard
+    from gateway.ops.audit import parse_limit
+    from gateway.ops.listener import admin_guard
 
     app = web.Application()
     app[GROUP] = group

@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
-from gateway.identity import CacheStats
+from gateway.auth.identity import CacheStats
 
 PREFIX: Final = "tower_gateway_"
 # Gauge values of `tower_circuit_state`, ordered by severity so max() over replicas is useful.

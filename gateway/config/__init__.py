@@ -197,7 +197,7 @@ class CredentialsConfig:
     )
     max_key_length: int = _check(_positive, 512)
     # Failed authentications one client address may make a minute before it gets
-    # 429 too_many_failures (gateway.clientguard); 0 = no limit.
+    # 429 too_many_failures (gateway.auth.clientguard); 0 = no limit.
     failed_auth_per_minute: float = _check(_non_negative, 60.0)
     # The tower's key format, checked before the tower is asked; null = any key
     # goes to the tower. Defaults to the embedded tower's prefix when it is used.

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
-from gateway.accesslog import AccessLog, RequestRecord
+from gateway.ops.accesslog import AccessLog, RequestRecord
 
 if TYPE_CHECKING:
     from gateway.config import Config

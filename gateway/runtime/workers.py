@@ -6,7 +6,7 @@
       │   /readyz    200 when any worker is ready
       │   /admin/*   cache, revocations and reload fanned out to every worker; audit
       │              merged newest first; config and explain from one worker; /admin/workers
-      ├── worker 0   python -m gateway.workers ...: proxy on server.port (SO_REUSEPORT),
+      ├── worker 0   python -m gateway.runtime.workers ...: proxy on server.port (SO_REUSEPORT),
       │              its own ops app on <private dir>/worker-0.sock
       └── worker 1   ...
 
@@ -274,7 +274,7 @@ class WorkerGroup:
         argv = [
             sys.executable,
             "-m",
-            "gateway.workers",
+            "gateway.runtime.workers",
             "--config",
             self.config_path,
             "--index",
@@ -469,7 +469,7 @@ def _worker_env() -> dict[str, str]:
     nothing: adding site-packages to PYTHONPATH would reorder the import path.
     """
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     installed = {
         str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]
     }
@@ -505,7 +505,7 @@ def run_workers(
             workers,
             workers,
         )
-    from gateway.serve import run
+    from gateway.runtime.serve import run
 
     try:
         # 0700 directory: only this user can reach the workers' ops sockets.
@@ -530,7 +530,7 @@ def run_workers(
 
 async def _run_group(group: WorkerGroup) -> int:
     config = group.config
-    from gateway.group_ops import create_group_ops_app  # imports this module's WorkerGroup
+    from gateway.runtime.group_ops import create_group_ops_app  # imports this module's WorkerGroup
 
     runner = web.AppRunner(create_group_ops_app(group), access_log=None, handle_signals=False)
     await runner.setup()
@@ -625,7 +625,7 @@ def _bind_unix(path: str) -> socket.socket:
 def worker_main(argv: Sequence[str] | None = None) -> int:
     """One worker: `serve(reuse_port=True, ops=False)` plus the private ops socket."""
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.workers",
+        prog="python -m gateway.runtime.workers",
         description="One worker of `tower-gateway serve --workers N` (started by the parent).",
     )
     parser.add_argument("--config", required=True)
@@ -635,8 +635,8 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int)
     args = parser.parse_args(argv)
 
-    from gateway.cli import configure_logging, load_or_exit
-    from gateway.serve import run, serve
+    from gateway.cli.main import configure_logging, load_or_exit
+    from gateway.runtime.serve import run, serve
 
     config = load_or_exit(args.config)
     if config is None:

@@ -55,7 +55,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     try:
-        from gateway.tokens import load_signing_key
+        from gateway.auth.tokens import load_signing_key
 
         load_signing_key(config.jwt)
     except ConfigError as exc:
@@ -70,12 +70,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     configure_logging(config.log.level)
-    from gateway.serve import run, serve
+    from gateway.runtime.serve import run, serve
 
     started = time.monotonic()
     try:
         if args.workers > 1:
-            from gateway.workers import run_workers
+            from gateway.runtime.workers import run_workers
 
             code: int = run_workers(
                 config, args.config, args.workers, host=args.host, port=args.port
@@ -93,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+    from gateway.cli.demo import run_demo
 
     return run_demo(args)
 
@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
-    from gateway.explain_cli import register as register_explain
-    from gateway.keys_cli import register
+    from gateway.cli.explain import register as register_explain
+    from gateway.cli.keys import register
 
     register(sub)
     register_explain(sub)

@@ -10,7 +10,7 @@ Three guards, each cheap and each before any tower call:
   `host[:port]`; all of them close the connection. An `Expect` other than
   `100-continue` gets 417. The gateway itself answers `100-continue`, and
   only once the request has passed authentication and policy
-  (`gateway.proxy`): a refused client never sends its body.
+  (`gateway.proxy.forwarder`): a refused client never sends its body.
 - `key_shape_ok`: with `credentials.key_format` set, a key that does not have
   the tower's prefix and checksum is refused without asking the tower.
 - `FailureThrottle`: failed authentications per client address (GCRA, bounded
@@ -32,6 +32,7 @@ from typing import Final
 
 from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 
+from gateway.auth.ratelimit import MemoryRateLimiter
 from gateway.config import KeyFormatConfig
 from gateway.errors import (
     BadRequest,
@@ -40,7 +41,6 @@ from gateway.errors import (
     MethodNotAllowed,
     RateLimited,
 )
-from gateway.ratelimit import MemoryRateLimiter
 from gateway.tower.keyformat import looks_valid
 
 # TRACE echoes the request (its cookies and keys) back; CONNECT would turn the

@@ -1,6 +1,6 @@
 """The operator's admin endpoints beyond the cache: audit, effective config, explain, reload.
 
-All are mounted on the ops listener behind the admin guard (`gateway.ops`):
+All are mounted on the ops listener behind the admin guard (`gateway.ops.listener`):
 
     GET  /admin/audit?limit=N   recent audit events, newest first (1 <= N <= 1000)
     GET  /admin/config          the config in effect, every secret redacted
@@ -21,9 +21,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
-from gateway.audit import parse_limit
-from gateway.explain import ExplainQuery, UnknownFingerprint, explain
-from gateway.shared import revocation_webhook
+from gateway.ops.audit import parse_limit
+from gateway.ops.explain import ExplainQuery, UnknownFingerprint, explain
+from gateway.replicas.shared import revocation_webhook
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -185,7 +185,7 @@ def add_admin_routes(
 
 
 def audited_webhook(gateway: Gateway) -> Handler:
-    """`POST /admin/revocations` (`gateway.shared`), with an audit event per call."""
+    """`POST /admin/revocations` (`gateway.replicas.shared`), with an audit event per call."""
     secret = gateway.config.admin.webhook_secret
 
     async def handler(request: web.Request) -> web.StreamResponse:

@@ -112,7 +112,7 @@ Fetch = Callable[[], Awaitable[Identity | Rejection]]
 
 class SharedLevel(Protocol):
     """A cache level shared by replicas, between this process's cache and the tower
-    (`gateway.shared`). It never fails for its own faults: without it, `fetch` answers."""
+    (`gateway.replicas.shared`). It never fails for its own faults: without it, `fetch` answers."""
 
     async def load(self, digest: bytes, fetch: Fetch) -> SharedEntry | Identity | Rejection:
         """A shared entry, or the answer of `fetch` (called at most once, then shared)."""
