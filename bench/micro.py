@@ -38,10 +38,11 @@ from yarl import URL
 ROOT: Final = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.app import Gateway, request_id  # noqa: E402
+from gateway.app import Gateway  # noqa: E402
 from gateway.auth.routes import normalise_path  # noqa: E402
 from gateway.config import Config, parse_config  # noqa: E402
-from gateway.proxy.forwarder import connection_tokens  # noqa: E402
+from gateway.http.answers import request_id  # noqa: E402
+from gateway.http.headers import connection_tokens  # noqa: E402
 from gateway.tower import Identity, TowerAnswer, parse_answer  # noqa: E402
 
 ENV: Final = {

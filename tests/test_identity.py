@@ -355,8 +355,8 @@ async def test_invalidate_and_clear(make_resolver: ResolverFactory, fake_tower: 
     resolver = make_resolver()
     for key in ("a", "a2", "b"):
         await resolver.resolve(key)
-    assert len(resolver.invalidate_key_id("ka")) == 2
-    assert resolver.invalidate_key_id("unknown") == set()
+    assert len(resolver.invalidate_key_ids(["ka"])) == 2
+    assert resolver.invalidate_key_ids(["unknown"]) == set()
     assert (await resolver.resolve("b")).source == "hit"
     assert (await resolver.resolve("a")).source == "tower"
     resolver.clear()

@@ -8,19 +8,35 @@ call: the gateway must never validate one value and forward another.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Final
+from urllib.parse import unquote_plus
 
 from aiohttp import hdrs
-from multidict import CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, MalformedKey
 
 X_API_KEY: Final = istr("X-API-Key")  # case-folded once, as aiohttp's `hdrs` names
 SOURCE_HEADERS: Final = {"x-api-key": X_API_KEY, "authorization": hdrs.AUTHORIZATION}
 # Schemes of `Authorization` that carry an API key; anything else (Basic,
 # Digest, ...) is "not mine" and stays the upstream's business.
 KEY_SCHEMES: Final = frozenset({"bearer", "apikey"})
+# Query parameter names that carry a key, compared after decoding and without
+# separators, so `api%5Fkey`, `API-KEY` and `api.key` are all caught.
+QUERY_KEY_PARAMS: Final = frozenset({"apikey", "xapikey"})
+_NAME_NOISE: Final = re.compile(r"[^a-z0-9]")
+
+
+def has_query_key(query: str) -> bool:
+    """Whether a query string names a parameter that carries an API key."""
+    # `;` separates pairs too for some frameworks, so it is a separator here.
+    for pair in re.split(r"[&;]", query):
+        name = _NAME_NOISE.sub("", unquote_plus(pair.split("=", 1)[0]).lower())
+        if name in QUERY_KEY_PARAMS:
+            return True
+    return False
 
 
 class CredentialExtractor:
@@ -45,7 +61,7 @@ class CredentialExtractor:
             parts.append(f"{header}: <key>" if source == "x-api-key" else f"{header}: Bearer <key>")
         return " or ".join(parts)
 
-    def extract(self, headers: CIMultiDictProxy[str]) -> str | None:
+    def extract(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str | None:
         """The one key the request carries, `None` when it carries none."""
         found: str | None = None
         for source, header in self._headers:
@@ -64,7 +80,7 @@ class CredentialExtractor:
             found = key
         return found
 
-    def candidates(self, headers: CIMultiDictProxy[str]) -> tuple[str, ...]:
+    def candidates(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> tuple[str, ...]:
         """Every value the sources hold that would be read as a key, unchecked: what must
         never reach the upstream, whether or not the request is authenticated."""
         found: list[str] = []
@@ -78,12 +94,12 @@ class CredentialExtractor:
                     found.append(value.strip())
         return tuple(found)
 
-    def carried_key(self, source: str, value: str) -> bool:
-        """Whether this header value is a key (so it must not reach the upstream)."""
-        try:
-            return self._read(source, value) is not None
-        except BadRequest:
-            return True
+    def check(self, key: str) -> str:
+        """A key that came some other way than a header (explain), checked as one would be;
+        raises `MalformedKey`."""
+        checked = self._read("x-api-key", key)
+        assert checked is not None  # `x-api-key` has no scheme to be "not mine"
+        return checked
 
     def _read(self, source: str, value: str) -> str | None:
         if source == "authorization":
@@ -95,9 +111,9 @@ class CredentialExtractor:
         # that could split a header or a log line does.
         key = value.strip()
         if not key:
-            raise BadRequest("empty API key", reason="malformed_key")
+            raise MalformedKey("empty API key")
         if len(key) > self._max_length:
-            raise BadRequest("API key too long", reason="malformed_key")
+            raise MalformedKey("API key too long")
         if not (key.isascii() and key.isprintable()) or " " in key:
-            raise BadRequest("API key has characters a key cannot have", reason="malformed_key")
+            raise MalformedKey("API key has characters a key cannot have")
         return key

@@ -179,12 +179,6 @@ class _PositiveCache(LRUCache[bytes, _Entry]):
                 out.append((key, entry))
         return out
 
-    def expire(self) -> None:
-        now = self._timer()
-        for key in list(Cache.__iter__(self)):
-            if now >= Cache.__getitem__(self, key).stale_until:
-                super().__delitem__(key)
-
 
 TowerObserver = Callable[[str, float], None]
 
@@ -395,10 +389,6 @@ class IdentityResolver:
         for digest in digests:
             self._positive.pop(digest, None)
         return digests
-
-    def invalidate_key_id(self, key_id: str) -> set[bytes]:
-        """Drop every entry of one key_id; returns the digests dropped."""
-        return self.invalidate_key_ids((key_id,))
 
     def _forget_inflight(self) -> None:
         # Requests after a drop ask the tower afresh instead of joining a call

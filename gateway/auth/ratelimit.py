@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 import redis.asyncio
+from redis.commands.core import AsyncScript
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,10 @@ class RateLimiter(Protocol):
         """Count one request against `bucket` (a key fingerprint) and say whether it may pass."""
         ...
 
+    async def peek(self, bucket: str, per_minute: float) -> Decision:
+        """What `hit` would answer now, counting nothing (explain's dry run)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -171,6 +176,14 @@ class MemoryRateLimiter:
             self._tats[bucket] = stored
         self._evict(now)
         return decision
+
+    def peek_now(self, bucket: str, per_minute: float) -> Decision:
+        interval, burst = _plan(per_minute, self._burst)
+        now = self._clock()
+        return _gcra(self._tats.get(bucket, now), now, interval, burst)[1]
+
+    async def peek(self, bucket: str, per_minute: float) -> Decision:
+        return self.peek_now(bucket, per_minute)
 
     def refund(self, bucket: str, per_minute: float) -> None:
         """Gives back one request that `decide` allowed (it turned out not to count)."""
@@ -228,6 +241,24 @@ return {1, math.floor((now - allow_at) / interval), new_tat - now, 0}
 """
 
 
+# The same step read-only: what the next request would get, nothing written.
+_GCRA_PEEK_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now) or now
+if tat < now then tat = now end
+if tat > now + interval * burst then tat = now + interval * burst end
+local new_tat = tat + interval
+local allow_at = new_tat - interval * burst
+if now < allow_at then
+  return {0, 0, tat - now, allow_at - now}
+end
+return {1, math.floor((now - allow_at) / interval), new_tat - now, 0}
+"""
+
+
 class RedisRateLimiter:
     """GCRA shared by every replica: one atomic Lua script per decision on Redis.
 
@@ -257,6 +288,7 @@ class RedisRateLimiter:
         self._retry_interval = retry_interval
         self._clock = clock
         self._script = client.register_script(_GCRA_LUA)
+        self._peek_script = client.register_script(_GCRA_PEEK_LUA)
         self._skip_until = -math.inf
         self._degraded = False
 
@@ -287,13 +319,25 @@ class RedisRateLimiter:
         log.debug("rate limit decided locally for bucket %s", bucket)
         return self._fallback.decide(bucket, per_minute)
 
+    async def peek(self, bucket: str, per_minute: float) -> Decision:
+        interval, burst = _plan(per_minute, self._burst)
+        if self._clock() >= self._skip_until:
+            try:
+                return await self._redis_hit(bucket, interval, burst, self._peek_script)
+            except Exception:  # reported by the next `hit`; a peek changes nothing
+                log.debug("rate limit peeked locally for bucket %s", bucket)
+        return self._fallback.peek_now(bucket, per_minute)
+
     async def close(self) -> None:
         await self._fallback.close()
 
-    async def _redis_hit(self, bucket: str, interval: float, burst: int) -> Decision:
+    async def _redis_hit(
+        self, bucket: str, interval: float, burst: int, script: AsyncScript | None = None
+    ) -> Decision:
         interval_us = max(1, round(interval * _US_PER_S))
+        script = script if script is not None else self._script
         async with asyncio.timeout(self._timeout):
-            reply = await self._script(keys=[self._prefix + bucket], args=[interval_us, burst])
+            reply = await script(keys=[self._prefix + bucket], args=[interval_us, burst])
         allowed, remaining, reset_us, retry_us = (int(v) for v in reply)
         return Decision(
             allowed=allowed == 1,

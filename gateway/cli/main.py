@@ -75,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         if args.workers > 1:
-            from gateway.runtime.workers import run_workers
+            from gateway.runtime.supervisor import run_workers
 
             code: int = run_workers(
                 config, args.config, args.workers, host=args.host, port=args.port

@@ -36,11 +36,9 @@ from aiohttp.http_exceptions import (
 from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
-from multidict import istr
 
-# The header `gateway.app` keeps or assigns; an `istr`, as aiohttp's own header
-# names, so multidicts need not case-fold it on every request.
-REQUEST_ID: Final = istr("X-Request-Id")
+from gateway.http.headers import REQUEST_ID
+
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # The one handler that answers every request on an app; `GatewayRunner` hands requests
 # to it straight, past aiohttp's router and middleware chain.

@@ -21,13 +21,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
+from gateway.config import Config
+from gateway.http.answers import json_error as _error
+from gateway.http.answers import json_response as _json
 from gateway.ops.audit import parse_limit
-from gateway.ops.explain import ExplainQuery, UnknownFingerprint, explain
+from gateway.ops.explain import ExplainQuery, UnknownFingerprint
 from gateway.replicas.shared import revocation_webhook
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
-    from gateway.config import Config
+    from gateway.ops.parts import OpsParts
 
 REDACTED: Final = "<redacted>"
 # Secrets by their dotted key; anything whose name looks like a secret is redacted too,
@@ -48,14 +50,6 @@ _URL_KEYS: Final = frozenset({"redis.url"})
 MAX_EXPLAIN_BODY: Final = 16 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(data), status=status, content_type="application/json")
-
-
-def _error(status: int, code: str, detail: str, **extra: Any) -> web.Response:
-    return _json({"error": code, "detail": detail, **extra}, status)
 
 
 def admin_client(request: web.BaseRequest) -> str | None:
@@ -118,21 +112,22 @@ def config_json(config: Config) -> dict[str, Any]:
 
 
 def add_admin_routes(
-    app: web.Application, gateway: Gateway, admin: Callable[[Handler], Handler]
+    app: web.Application, parts: OpsParts, admin: Callable[[Handler], Handler]
 ) -> None:
     async def audit(request: web.Request) -> web.Response:
         try:
             limit = parse_limit(request.query.get("limit"))
         except ValueError as exc:
             return _error(400, "bad_request", str(exc))
-        return _json({"events": gateway.audit.recent(limit)})
+        return _json({"events": parts.audit().recent(limit)})
 
     async def config(_request: web.Request) -> web.Response:
-        last = gateway.reloader.last
+        last = parts.reloader.last
+        running = parts.config()
         return _json(
             {
-                "source": gateway.reloader.path or gateway.config.source,
-                "config": config_json(gateway.components.config),
+                "source": parts.reloader.path or running.source,
+                "config": config_json(running),
                 "last_reload": last.as_json() if last is not None else None,
             }
         )
@@ -152,9 +147,9 @@ def add_admin_routes(
             return _error(400, "bad_request", str(exc))
         client = admin_client(request)
         try:
-            answer = await explain(gateway, query)
+            answer = await parts.explainer.explain(query)
         except UnknownFingerprint:
-            gateway.audit.admin(
+            parts.audit().admin(
                 "explain", client=client, ok=False, key=query.fingerprint, reason="unknown"
             )
             return _error(
@@ -162,7 +157,7 @@ def add_admin_routes(
                 "unknown_fingerprint",
                 "no identity with this fingerprint is cached here; explain by key instead",
             )
-        gateway.audit.admin(
+        parts.audit().admin(
             "explain",
             client=client,
             key=answer["key"],
@@ -175,7 +170,7 @@ def add_admin_routes(
         return _json(answer)
 
     async def reload_handler(request: web.Request) -> web.Response:
-        result = gateway.reloader.reload(trigger="api", client=admin_client(request))
+        result = parts.reloader.reload(trigger="api", client=admin_client(request))
         return _json(result.as_json(), 200 if result.ok else 422)
 
     app.router.add_get("/admin/audit", admin(audit))
@@ -184,20 +179,20 @@ def add_admin_routes(
     app.router.add_post("/admin/reload", admin(reload_handler))
 
 
-def audited_webhook(gateway: Gateway) -> Handler:
+def audited_webhook(parts: OpsParts) -> Handler:
     """`POST /admin/revocations` (`gateway.replicas.shared`), with an audit event per call."""
-    secret = gateway.config.admin.webhook_secret
+    secret = parts.admin.webhook_secret
 
     async def handler(request: web.Request) -> web.StreamResponse:
         revoked: list[str] = []
 
         async def revoke(key_ids: Sequence[str]) -> int:
             revoked.extend(key_ids)
-            dropped: int = await gateway.revoke_key_ids(key_ids)
+            dropped: int = await parts.revoker.revoke_key_ids(key_ids)
             return dropped
 
         response = await revocation_webhook(secret, revoke)(request)
-        gateway.audit.admin(
+        parts.audit().admin(
             "revocation_webhook",
             client=admin_client(request),
             ok=response.status == 200,

@@ -1,34 +1,40 @@
 """`POST /admin/explain`: what the gateway decides for a key, a method and a path, and why.
 
-The decision is computed as the pipeline computes it (normalised path, route,
-identity, capabilities, shadow mode) on one snapshot of the live components,
-but nothing is forwarded, no JWT is minted and no rate-limit token is spent;
-the rate limit is reported, not evaluated. A key is resolved through the normal
-resolver (cache, then the tower) and is never logged or echoed: the answer
-names it by its fingerprint. A fingerprint (the access log's `key` field)
-explains an identity already in this process's cache without the key at all.
+The decision is `decide()`'s own, run dry on one snapshot of the live
+components: the same path normalisation, route, key checks (shape, key
+format), identity, capabilities, shadow mode and rate limit, but nothing is
+forwarded, no JWT is minted, no rate-limit token or failure-throttle attempt is
+spent, and no metric or audit event of a request is counted. A key is resolved
+through the normal resolver (cache, then the tower) and is never logged or
+echoed: the answer names it by its fingerprint. A fingerprint (the access log's
+`key` field) explains an identity already in this process's cache without the
+key at all. A refusal is `deny` whatever its cause: explain says whether the
+request would be forwarded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
-from gateway.auth.credentials import SOURCE_HEADERS
-from gateway.auth.ratelimit import effective_limit
-from gateway.auth.routes import Route, normalise_path
-from gateway.errors import BadRequest, GatewayError, InvalidKey, NotFound
+from gateway.auth.decide import (
+    ALLOW,
+    DENY,
+    PUBLIC,
+    WOULD_DENY,
+    Decision,
+    DecisionEngine,
+    OriginalRequest,
+)
+from gateway.auth.identity import Resolved
+from gateway.auth.routes import Route
+from gateway.ops.accesslog import RequestRecord
 from gateway.tower import Identity
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
-
-# Denials that `enforce: false` forwards (and records as would_deny): the caller's
-# identity or policy, never a malformed request or an unavailable tower.
-SHADOW_STATUSES: Final = frozenset({401, 403, 429})
+# Explain's decisions: public routes are an allow, and every refusal a deny.
+EXPLAINED: Final = {ALLOW: ALLOW, PUBLIC: ALLOW, WOULD_DENY: WOULD_DENY}
 MAX_FINGERPRINTS: Final = 100_000
 _FINGERPRINT_LENGTH: Final = 16  # Fingerprinter.short(): 8 bytes in hex
 _HTTP_METHOD_MAX: Final = 16
@@ -105,91 +111,71 @@ def _route(route: Route) -> dict[str, Any]:
     }
 
 
-async def explain(gateway: Gateway, query: ExplainQuery) -> dict[str, Any]:
-    """The decision for `query` and its reasons; raises `UnknownFingerprint`."""
-    parts = gateway.components  # one snapshot, as a request sees one
-    fingerprinter = gateway.fingerprinter
+class Explainer:
+    """Answers `POST /admin/explain` with a dry run of the decision engine."""
+
+    def __init__(self, engine: DecisionEngine) -> None:
+        self._engine = engine
+
+    async def explain(self, query: ExplainQuery) -> dict[str, Any]:
+        """The decision for `query` and its reasons; raises `UnknownFingerprint`."""
+        engine = self._engine
+        fingerprinter = engine.fingerprinter
+        credential: str | Resolved
+        if query.key is not None:
+            credential = query.key
+            fingerprint = fingerprinter.short(fingerprinter.digest(query.key))
+        else:
+            assert query.fingerprint is not None
+            resolver = engine.resolver
+            found = resolver.find_fingerprint(query.fingerprint)
+            cached = resolver.peek(found) if found is not None else None
+            if found is None or cached is None:
+                raise UnknownFingerprint(query.fingerprint)
+            credential, fingerprint = Resolved(cached, found, "cache"), query.fingerprint
+        raw_path, _, query_string = query.path.partition("?")
+        original = OriginalRequest(query.method, raw_path, query_string, CIMultiDict(), None)
+        record = RequestRecord("explain")
+        decision = await engine.decide(original, record, credential=credential, dry_run=True)
+        if decision.resolved is None and decision.reason == "expired_key":
+            assert isinstance(credential, Resolved)  # a key is refused by the resolver
+            return _answer(query, fingerprint, decision, record, credential)
+        return _answer(query, fingerprint, decision, record, decision.resolved)
+
+
+def _answer(
+    query: ExplainQuery,
+    fingerprint: str,
+    decision: Decision,
+    record: RequestRecord,
+    resolved: Resolved | None,
+) -> dict[str, Any]:
+    route, grants, error = decision.route, decision.grants, decision.error
+    if decision.outcome == ALLOW:
+        status, reason, detail = 200, "allowed", "allowed: the request is forwarded with a JWT"
+    elif decision.outcome == PUBLIC:
+        status, reason = 200, "public_route"
+        detail = "public route: no key needed, none forwarded"
+    else:
+        assert error is not None
+        status, reason, detail = error.status, error.reason, error.detail
     answer: dict[str, Any] = {
-        "key": (
-            fingerprinter.short(fingerprinter.digest(query.key))
-            if query.key is not None
-            else query.fingerprint
-        ),
+        "key": fingerprint,
         "method": query.method,
         "path": query.path,
-        "route": None,
-        "identity": None,
-        "role": None,
-        "capabilities": None,
-        "missing_capability": None,
-        "rate_limit_per_minute": None,
+        "route": _route(route) if route is not None else None,
+        "identity": _identity(resolved.identity, fingerprint) if resolved is not None else None,
+        "role": grants.role if grants is not None else None,
+        "capabilities": list(grants.caps) if grants is not None else None,
+        "missing_capability": record.missing,
+        "rate_limit_per_minute": decision.per_minute if grants is not None else None,
+        "status": status,
+        "reason": reason,
+        "detail": detail,
+        # Whether it would be forwarded: an outage or a bad request is a deny here too.
+        "decision": EXPLAINED.get(decision.outcome, DENY),
+        "forwarded": decision.forwarded,
     }
-
-    def decide(status: int, reason: str, detail: str, route: Route | None = None) -> None:
-        shadow = route is not None and not route.config.enforce and status in SHADOW_STATUSES
-        decision = "allow" if status == 200 else "would_deny" if shadow else "deny"
-        answer.update(status=status, reason=reason, detail=detail, decision=decision)
-        answer["forwarded"] = decision != "deny"
-
-    raw_path = query.path.partition("?")[0]
-    try:
-        route = parts.routes.match(normalise_path(raw_path), query.method)
-    except (BadRequest, NotFound) as exc:
-        decide(exc.status, exc.reason, exc.detail)
-        return answer
-    answer["route"] = _route(route)
-    if not route.config.auth:
-        decide(200, "public_route", "public route: no key needed, none forwarded")
-        return answer
-
-    if query.key is not None:
-        try:
-            key = parts.extractor.extract(_as_headers(parts.extractor.sources, query.key))
-            if key is None:  # a key an `Authorization` header could not carry
-                raise BadRequest("not a valid API key", reason="malformed_key")
-            resolved = await gateway.resolver.resolve(key)
-        except GatewayError as exc:
-            # Only an identity denial may be shadowed: a malformed key or a tower outage
-            # is refused on every route.
-            shadowable = route if isinstance(exc, InvalidKey) else None
-            decide(exc.status, exc.reason, exc.detail, shadowable)
-            return answer
-        gateway.fingerprint(resolved)  # indexed like a request's
-        identity, digest = resolved.identity, resolved.digest
+    if resolved is not None:
         answer["source"] = resolved.source
-    else:
-        assert query.fingerprint is not None
-        found = gateway.resolver.find_fingerprint(query.fingerprint)
-        cached = gateway.resolver.peek(found) if found is not None else None
-        if found is None or cached is None:
-            raise UnknownFingerprint(query.fingerprint)
-        identity, digest = cached, found
-        answer["source"] = "cache"
-        if identity.expired(gateway.clock()):
-            decide(401, "expired_key", "API key has expired", route)
-            answer["identity"] = _identity(identity, query.fingerprint)
-            return answer
-
-    answer["identity"] = _identity(identity, fingerprinter.short(digest))
-    grants = parts.mapper.grants(identity)
-    answer["role"] = grants.role
-    answer["capabilities"] = list(grants.caps)
-    answer["rate_limit_per_minute"] = effective_limit(
-        identity.rate_limit, parts.config.rate_limit.default_per_minute
-    )
-    missing = grants.missing(route.require)
-    if missing is not None:
-        answer["missing_capability"] = missing
-        decide(403, "missing_capability", f"Missing required capability: {missing}", route)
-    else:
-        decide(200, "allowed", "allowed: the request is forwarded with a JWT")
     return answer
-
-
-def _as_headers(sources: tuple[str, ...], key: str) -> CIMultiDictProxy[str]:
-    """The key as the first configured source would carry it, so it is checked as a
-    request's would be (length, characters) before any tower call."""
-    source = sources[0]
-    value = key if source == "x-api-key" else f"Bearer {key}"
-    headers: Mapping[str, str] = {SOURCE_HEADERS[source]: value}
-    return CIMultiDictProxy(CIMultiDict(headers))

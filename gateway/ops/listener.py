@@ -8,75 +8,18 @@ Every admin action, and every refused admin request, is an audit event.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import json
-import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.http.answers import json_error as _error
+from gateway.http.answers import json_response as _json
 from gateway.ops.admin import add_admin_routes, admin_client, audited_webhook
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
-
-READY_CACHE_SECONDS: Final = 2.0
-PING_TIMEOUT: Final = 2.0
-
-OPS_GATEWAY: Final[web.AppKey[Gateway]] = web.AppKey("ops_gateway")
+from gateway.ops.parts import OpsParts
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(data), status=status, content_type="application/json")
-
-
-def _error(status: int, code: str, detail: str) -> web.Response:
-    return _json({"error": code, "detail": detail}, status)
-
-
-class Readiness:
-    """Tower reachability, probed at most every couple of seconds."""
-
-    def __init__(self, gateway: Gateway) -> None:
-        self._gateway = gateway
-        self._checked_at = 0.0
-        self._tower_ok = False
-        self._lock = asyncio.Lock()
-
-    async def tower_ok(self) -> bool:
-        async with self._lock:
-            now = time.monotonic()
-            if now - self._checked_at >= READY_CACHE_SECONDS:
-                try:
-                    async with asyncio.timeout(PING_TIMEOUT):
-                        self._tower_ok = await self._gateway.tower.ping()
-                except TimeoutError:
-                    self._tower_ok = False
-                self._checked_at = now
-            return self._tower_ok
-
-    async def report(self) -> tuple[bool, dict[str, Any]]:
-        gateway = self._gateway
-        tower_ok = await self.tower_ok()
-        positive, _ = gateway.resolver.entry_counts()
-        checks: dict[str, Any] = {
-            "config": True,
-            "tower": tower_ok,
-            "cache_can_serve": positive > 0,
-        }
-        ready = tower_ok or positive > 0
-        redis_ping = getattr(gateway, "redis_ok", None)
-        if redis_ping is not None:
-            # Reported, not required: without Redis every replica still serves
-            # (local cache, local rate limits), so an outage of Redis must not
-            # pull all of them out of the load balancer at once.
-            checks["redis"] = await redis_ping()
-        return ready, checks
 
 
 def admin_guard(
@@ -105,14 +48,13 @@ def admin_guard(
     return admin
 
 
-def create_ops_app(gateway: Gateway) -> web.Application:
+def create_ops_app(parts: OpsParts) -> web.Application:
     app = web.Application()
-    app[OPS_GATEWAY] = gateway
-    readiness = Readiness(gateway)
-    token = gateway.config.admin.token
+    readiness = parts.readiness
+    token = parts.admin.token
 
     async def metrics(_request: web.Request) -> web.Response:
-        body = generate_latest(gateway.registry)
+        body = generate_latest(parts.registry)
         return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
 
     async def healthz(_request: web.Request) -> web.Response:
@@ -123,10 +65,10 @@ def create_ops_app(gateway: Gateway) -> web.Application:
         return _json({"ready": ready, "checks": checks}, 200 if ready else 503)
 
     async def jwks(_request: web.Request) -> web.Response:
-        return _json(gateway.minter.jwks())
+        return _json(parts.jwks())
 
     def denied(request: web.Request) -> None:
-        gateway.audit.admin(
+        parts.audit().admin(
             "admin_denied",
             client=admin_client(request),
             ok=False,
@@ -137,17 +79,17 @@ def create_ops_app(gateway: Gateway) -> web.Application:
     admin = admin_guard(token, on_denied=denied)
 
     async def cache_stats(_request: web.Request) -> web.Response:
-        return _json(gateway.resolver.snapshot())
+        return _json(parts.resolver.snapshot())
 
     async def cache_clear(request: web.Request) -> web.Response:
-        await gateway.revoke_all()
-        gateway.audit.admin("cache_clear", client=admin_client(request))
+        await parts.revoker.revoke_all()
+        parts.audit().admin("cache_clear", client=admin_client(request))
         return _json({"cleared": True})
 
     async def cache_drop(request: web.Request) -> web.Response:
         key_id = request.match_info["key_id"]
-        dropped = await gateway.revoke_key_ids([key_id])
-        gateway.audit.admin(
+        dropped = await parts.revoker.revoke_key_ids([key_id])
+        parts.audit().admin(
             "cache_drop", client=admin_client(request), key_id=key_id, dropped=dropped
         )
         return _json({"key_id": key_id, "dropped_entries": dropped})
@@ -159,6 +101,6 @@ def create_ops_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/admin/cache", admin(cache_stats))
     app.router.add_delete("/admin/cache", admin(cache_clear))
     app.router.add_delete("/admin/cache/{key_id}", admin(cache_drop))
-    app.router.add_post("/admin/revocations", admin(audited_webhook(gateway)))
-    add_admin_routes(app, gateway, admin)
+    app.router.add_post("/admin/revocations", admin(audited_webhook(parts)))
+    add_admin_routes(app, parts, admin)
     return app

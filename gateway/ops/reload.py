@@ -21,15 +21,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.ops.audit import AuditLog
+from gateway.ops.metrics import Metrics
 
 log = logging.getLogger("tower_gateway.reload")
 
@@ -123,11 +123,28 @@ def shadow_routes(config: Config) -> list[str]:
 
 
 class Reloader:
-    """Reloads one gateway from the file its config came from; keeps the last result."""
+    """Reloads one gateway from the file its config came from; keeps the last result.
 
-    def __init__(self, gateway: Gateway) -> None:
-        self._gateway = gateway
-        source = gateway.config.source
+    `current` is the config in effect, `apply` swaps a new one in, `reopen_logs` reopens
+    the log files (logrotate), `audit` is the audit log in use.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        current: Callable[[], Config],
+        apply: Callable[[Config], None],
+        reopen_logs: Callable[[], None],
+        audit: Callable[[], AuditLog],
+        metrics: Metrics,
+    ) -> None:
+        self._current = current
+        self._apply = apply
+        self._reopen_logs = reopen_logs
+        self._audit = audit
+        self._metrics = metrics
+        self.source = source
         path = Path(source)
         # `source` is "<dict>" or "<text>" for a config that came from no file.
         self.path: str | None = str(path.resolve()) if path.is_file() else None
@@ -136,17 +153,15 @@ class Reloader:
     def reload(self, *, trigger: str, client: str | None = None) -> ReloadResult:
         """Synchronous on purpose: nothing else runs on the loop between the read and the swap,
         so two reloads (a SIGHUP during a POST) never interleave."""
-        gateway = self._gateway
-        gateway.access_log.reopen()
-        gateway.audit.reopen()
-        source = self.path or gateway.config.source
+        self._reopen_logs()
+        source = self.path or self.source
         try:
             if self.path is None:
                 raise ConfigError("", "the running config was not loaded from a file")
             loaded = load_config(self.path)
-            effective, changed, restart = merge(gateway.components.config, loaded)
+            effective, changed, restart = merge(self._current(), loaded)
             if changed:
-                gateway.apply_config(effective)
+                self._apply(effective)
         except ConfigError as exc:
             result = ReloadResult(False, source, trigger, error=str(exc), error_path=exc.path)
             self._failed(result, client)
@@ -163,14 +178,14 @@ class Reloader:
         return result
 
     def _failed(self, result: ReloadResult, client: str | None) -> None:
-        metrics = self._gateway.metrics
+        metrics = self._metrics
         metrics.config_reloads.labels("failure").inc()
         metrics.config_last_ok.set(0)
         log.error(
             "config reload (%s) failed, the running config stays: %s", result.trigger, result.error
         )
         self.last = result
-        self._gateway.audit.admin(
+        self._audit().admin(
             "reload",
             client=client,
             ok=False,
@@ -180,7 +195,7 @@ class Reloader:
         )
 
     def _succeeded(self, result: ReloadResult, effective: Config, client: str | None) -> None:
-        metrics = self._gateway.metrics
+        metrics = self._metrics
         metrics.config_reloads.labels("success").inc()
         metrics.config_last_ok.set(1)
         metrics.config_last_success.set(time.time())
@@ -205,7 +220,7 @@ class Reloader:
                 ", ".join(shadow_routes(effective)),
             )
         self.last = result
-        self._gateway.audit.admin(
+        self._audit().admin(
             "reload",
             client=client,
             ok=True,

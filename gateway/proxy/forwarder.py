@@ -18,7 +18,6 @@ yet one that stalls, or an upstream that stops reading, is cut off.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Final
@@ -45,169 +44,16 @@ from yarl import URL
 
 from gateway.auth.routes import Route
 from gateway.errors import BadRequest, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
-from gateway.http.server import REQUEST_ID
+from gateway.http.headers import HOP_BY_HOP, connection_tokens
 from gateway.proxy.deadlines import Deadlines
 
 log = logging.getLogger("tower_gateway.proxy")
 
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-connection",
-        "expect",
-        "host",
-    }
-)
-# Set by the gateway, so never taken from the client (nor any `_`/`.` spelling).
-GATEWAY_SET: Final = frozenset(
-    {
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-forwarded-port",
-        "x-forwarded-prefix",
-        "forwarded",
-        "x-real-ip",
-        "x-request-id",
-    }
-)
-# Identity headers other proxies and frameworks trust; a client must not forge them.
-IDENTITY_HEADERS: Final = frozenset(
-    {
-        "x-api-key",
-        "x-forwarded-user",
-        "x-forwarded-email",
-        "x-forwarded-groups",
-        "x-forwarded-preferred-username",
-        "x-forwarded-access-token",
-        "x-remote-user",
-        "remote-user",
-        "x-user",
-        "x-user-id",
-        "x-user-role",
-        "x-user-roles",
-        "x-role",
-        "x-key-id",
-        "x-scopes",
-        "x-team",
-        "x-jwt-assertion",
-        "x-internal-jwt",
-    }
-)
-IDENTITY_PREFIXES: Final = ("x-auth-", "x-gateway-", "x-tower-")
 RESPONSE_DROP: Final = HOP_BY_HOP | {"content-length"}
-MIN_SCRUBBED_KEY: Final = 8
 CHUNK: Final = 64 * 1024
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Answers that never carry a body, whatever their Content-Length says.
 BODILESS_STATUSES: Final = frozenset({100, 101, 102, 103, 204, 304})
-
-
-def canonical(name: str) -> str:
-    """Header name as a proxy on the way might read it: `X_Api.Key` -> `x-api-key`."""
-    return name.lower().replace("_", "-").replace(".", "-")
-
-
-class HeaderPolicy:
-    """Which client headers reach the upstream; computed once per config."""
-
-    __slots__ = ("_blocked",)
-
-    def __init__(self, extra_blocked: Iterable[str]) -> None:
-        self._blocked = frozenset(HOP_BY_HOP | GATEWAY_SET | IDENTITY_HEADERS) | {
-            canonical(h) for h in extra_blocked
-        }
-
-    def blocked(self, name: str) -> bool:
-        low = canonical(name)
-        return low in self._blocked or low.startswith(IDENTITY_PREFIXES)
-
-    def forwardable(
-        self, headers: Mapping[str, str], connection_tokens: frozenset[str]
-    ) -> CIMultiDict[str]:
-        out: CIMultiDict[str] = CIMultiDict()
-        blocked = self._blocked
-        for name, value in headers.items():
-            low = name.lower()
-            if low in blocked or low in connection_tokens:
-                continue
-            if ("_" in low or "." in low or low.startswith(IDENTITY_PREFIXES)) and self.blocked(
-                low
-            ):
-                continue
-            out.add(name, value)
-        return out
-
-    @staticmethod
-    def scrub(headers: CIMultiDict[str], keys: Iterable[str]) -> None:
-        """Drops every header whose value holds one of `keys`: a key sent twice, once in a
-        header the gateway does not read (`Api-Key`, a cookie), still never reaches the
-        upstream. Keys shorter than MIN_SCRUBBED_KEY are no real keys and are skipped, so a
-        stray short value cannot strip unrelated headers."""
-        needles = [key for key in keys if len(key) >= MIN_SCRUBBED_KEY]
-        if not needles:
-            return
-        # One search over all the values first: a key is seldom sent twice. A key
-        # has no NUL, so no match spans two values.
-        joined = "\0".join(headers.values())
-        if not any(key in joined for key in needles):
-            return
-        kept = [(n, v) for n, v in headers.items() if not any(k in v for k in needles)]
-        if len(kept) != len(headers):
-            headers.clear()
-            headers.extend(kept)
-
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def forwarded_for(request: web.BaseRequest, trusted: tuple[IPNetwork, ...]) -> str:
-    """X-Forwarded-For for the upstream: the peer's address, after the chain the peer
-    reported when it is a trusted proxy (a client's own header is never passed on)."""
-    remote = request.remote or ""
-    if not trusted:
-        return remote
-    prior = ", ".join(request.headers.getall(hdrs.X_FORWARDED_FOR, ()))
-    if not prior:
-        return remote
-    try:
-        peer = ipaddress.ip_address(remote)
-    except ValueError:
-        return remote
-    return f"{prior}, {remote}" if any(peer in net for net in trusted) else remote
-
-
-def add_forwarding(
-    headers: CIMultiDict[str],
-    request: web.BaseRequest,
-    route: Route,
-    trusted: tuple[IPNetwork, ...],
-    request_id: str,
-) -> None:
-    """The headers the gateway sets for the upstream: X-Forwarded-For/-Proto/-Host,
-    X-Request-Id and Host, in place of any the client sent."""
-    host = request.host
-    headers[hdrs.X_FORWARDED_FOR] = forwarded_for(request, trusted)
-    headers[hdrs.X_FORWARDED_PROTO] = request.scheme
-    if host:
-        headers[hdrs.X_FORWARDED_HOST] = host
-    headers[REQUEST_ID] = request_id
-    headers[hdrs.HOST] = host if route.config.preserve_host and host else route.upstream_host
-
-
-def connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
-    value = headers.get(hdrs.CONNECTION)
-    if not value:
-        return frozenset()
-    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
 
 
 class UpstreamRequest(ClientRequest):

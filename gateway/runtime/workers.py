@@ -1,12 +1,12 @@
 """`serve --workers N`: N gateway processes on one port, supervised by a parent that owns ops.
 
-    parent (run_workers)                    public ops listener ops.host:ops.port
+    parent (supervisor.run_workers)                    public ops listener ops.host:ops.port
       │   /metrics   every worker's exposition, each sample labelled worker="<i>"
       │   /healthz   200 while the parent serves
       │   /readyz    200 when any worker is ready
       │   /admin/*   cache, revocations and reload fanned out to every worker; audit
       │              merged newest first; config and explain from one worker; /admin/workers
-      ├── worker 0   python -m gateway.runtime.workers ...: proxy on server.port (SO_REUSEPORT),
+      ├── worker 0   python -m gateway.cli.worker ...: proxy on server.port (SO_REUSEPORT),
       │              its own ops app on <private dir>/worker-0.sock
       └── worker 1   ...
 
@@ -21,33 +21,26 @@ and they stop on their own when the parent disappears (their stdin closes).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import site
-import socket
-import stat
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import hdrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from yarl import URL
 
 from gateway.config import Config
-from gateway.errors import ConfigError
 
 log = logging.getLogger("tower_gateway.workers")
 
@@ -274,7 +267,7 @@ class WorkerGroup:
         argv = [
             sys.executable,
             "-m",
-            "gateway.runtime.workers",
+            "gateway.cli.worker",
             "--config",
             self.config_path,
             "--index",
@@ -481,191 +474,3 @@ def _worker_env() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- entry points
-
-
-def run_workers(
-    config: Config,
-    config_path: str,
-    workers: int,
-    *,
-    host: str | None = None,
-    port: int | None = None,
-) -> int:
-    """Run the supervised group until SIGTERM/SIGINT; returns the process exit code."""
-    if not (hasattr(socket, "SO_REUSEPORT") and hasattr(socket, "AF_UNIX")):
-        print(
-            "error: --workers needs SO_REUSEPORT and unix sockets (Linux, BSD, macOS)",
-            file=sys.stderr,
-        )
-        return 1
-    if config.rate_limit.backend == "memory" and config.rate_limit.default_per_minute > 0:
-        log.warning(
-            "rate_limit.backend is memory: each of the %d workers counts on its own, "
-            "so a key may get up to %d times its limit; use backend: redis",
-            workers,
-            workers,
-        )
-    from gateway.runtime.serve import run
-
-    try:
-        # 0700 directory: only this user can reach the workers' ops sockets.
-        socket_dir = tempfile.mkdtemp(prefix="tower-gateway-")
-    except OSError as exc:
-        print(f"error: --workers needs a writable TMPDIR for its sockets: {exc}", file=sys.stderr)
-        return 1
-    outcome: list[int] = []
-
-    async def main() -> None:
-        group = WorkerGroup(
-            config, config_path, workers, socket_dir=socket_dir, host=host, port=port
-        )
-        outcome.append(await _run_group(group))
-
-    try:
-        run(main())
-    finally:
-        shutil.rmtree(socket_dir, ignore_errors=True)
-    return outcome[0] if outcome else 1
-
-
-async def _run_group(group: WorkerGroup) -> int:
-    config = group.config
-    from gateway.runtime.group_ops import create_group_ops_app  # imports this module's WorkerGroup
-
-    runner = web.AppRunner(create_group_ops_app(group), access_log=None, handle_signals=False)
-    await runner.setup()
-    loop = asyncio.get_running_loop()
-    stop, force = asyncio.Event(), asyncio.Event()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            log.warning("second %s: not waiting for the drain", signal.Signals(signum).name)
-            force.set()
-            return
-        log.info("%s: stopping the workers", signal.Signals(signum).name)
-        stop.set()
-
-    try:
-        # Bound before any worker starts, so a taken ops port fails fast.
-        await web.TCPSite(runner, config.ops.host, config.ops.port).start()
-        log.info(
-            "supervising %d workers (ops %s:%s)", len(group.slots), config.ops.host, config.ops.port
-        )
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_signal, signum)
-        # Each worker reloads the config file itself; the supervisor's own settings
-        # (the ops listener, the admin token) are restart-only anyway.
-        loop.add_signal_handler(
-            signal.SIGHUP,
-            lambda: log.info("SIGHUP: reloading %d workers", group.forward_signal(signal.SIGHUP)),
-        )
-        code = await group.run(stop, force)
-        log.info("all workers stopped (exit %d)", code)
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-        await runner.cleanup()
-    return code
-
-
-class _WorkerFormatter(logging.Formatter):
-    """The operational JSON log line, plus which worker wrote it."""
-
-    def __init__(self, inner: logging.Formatter, index: int) -> None:
-        super().__init__()
-        self._inner = inner
-        self._index = index
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = self._inner.format(record)
-        try:
-            data = json.loads(line)
-        except ValueError:
-            return line
-        data[WORKER_LABEL] = self._index
-        return json.dumps(data, ensure_ascii=True)
-
-
-def _exit_with_parent() -> None:
-    """Stop gracefully when the parent goes away: its end of our stdin pipe closes."""
-    try:
-        mode = os.fstat(0).st_mode
-    except OSError:
-        return
-    # A pipe (asyncio) or a socketpair (uvloop/libuv); anything else means the
-    # worker was started by hand and has no parent to follow.
-    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-        return
-
-    def watch() -> None:
-        # os.read, not sys.stdin: a daemon thread blocked inside a buffered
-        # reader holds its lock and aborts the interpreter at exit.
-        with contextlib.suppress(OSError):
-            while os.read(0, 4096):
-                pass
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def _bind_unix(path: str) -> socket.socket:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(128)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def worker_main(argv: Sequence[str] | None = None) -> int:
-    """One worker: `serve(reuse_port=True, ops=False)` plus the private ops socket."""
-    parser = argparse.ArgumentParser(
-        prog="python -m gateway.runtime.workers",
-        description="One worker of `tower-gateway serve --workers N` (started by the parent).",
-    )
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--ops-socket", required=True)
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    args = parser.parse_args(argv)
-
-    from gateway.cli.main import configure_logging, load_or_exit
-    from gateway.runtime.serve import run, serve
-
-    config = load_or_exit(args.config)
-    if config is None:
-        return EXIT_CONFIG
-    configure_logging(config.log.level)
-    for handler in logging.getLogger().handlers:
-        if handler.formatter is not None:
-            handler.setFormatter(_WorkerFormatter(handler.formatter, args.index))
-    _exit_with_parent()
-    try:
-        ops_sock = _bind_unix(args.ops_socket)
-        run(
-            serve(
-                config,
-                host=args.host,
-                port=args.port,
-                reuse_port=True,
-                ops=False,
-                ops_sock=ops_sock,
-            )
-        )
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except OSError as exc:
-        print(f"error: worker {args.index} cannot listen: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_LISTEN
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())

@@ -21,10 +21,11 @@ from gateway.auth.credentials import CredentialExtractor
 from gateway.auth.routes import RouteTable, normalise_path
 from gateway.config import Config, parse_config, parse_config_text
 from gateway.errors import BadRequest, ConfigError, NotFound, TowerFault
-from gateway.proxy.forwarder import HeaderPolicy, canonical
+from gateway.http.headers import HeaderPolicy, canonical
 from gateway.tower import MAX_FIELD_LENGTH, Identity, Rejection, parse_answer
 from gateway.tower.client import RemoteTower
-from gateway.websocket.handshake import Ending, _auth_key
+from gateway.websocket.handshake import _auth_key
+from gateway.websocket.registry import Ending
 from tests.conftest import ENV
 
 # Hypothesis imports its patch writer to report a failure, and that import (through
