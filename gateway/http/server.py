@@ -18,7 +18,6 @@ per request less.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Protocol, runtime_checkable
@@ -37,6 +36,8 @@ from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
+from gateway.http import aiohttp_private as private
+from gateway.http.answers import json_error
 from gateway.http.headers import REQUEST_ID
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -76,10 +77,10 @@ class GatewayRequestHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._close or self._force_close:
+        if private.closing(self):
             return
-        broken = _framing_error(self._messages)
-        overflowing = _overflowing_body(self._parser) if PURE_PYTHON_PARSER else None
+        broken = _framing_error(private.queued_messages(self))
+        overflowing = _overflowing_body(self) if PURE_PYTHON_PARSER else None
         if broken is None and overflowing is None:
             return
         # aiohttp's C parser, failing in the middle of a body whose head it has
@@ -99,10 +100,10 @@ class GatewayRequestHandler(RequestHandler):
     def _unfinished_bodies(self) -> list[StreamReader]:
         """The bodies of the request being handled and of those queued behind it."""
         payloads: list[StreamReader] = []
-        request = self._current_request
-        if request is not None:
-            payloads.append(request.content)
-        payloads.extend(payload for _, payload in self._messages)
+        current = private.current_body(self)
+        if current is not None:
+            payloads.append(current)
+        payloads.extend(p for _, p in private.queued_messages(self) if isinstance(p, StreamReader))
         return [p for p in payloads if not p.is_eof() and p.exception() is None]
 
     def handle_error(
@@ -129,14 +130,11 @@ class GatewayRequestHandler(RequestHandler):
             # Part of a response is out: too late for another one.
             raise ConnectionError("response already started; cannot send an error response")
         if status < 500:
-            body = {"error": "malformed_request", "detail": describe(exc)}
+            response = json_error(status, "malformed_request", describe(exc))
         elif status == 504:
-            body = {"error": "timeout", "detail": "the request took too long"}
+            response = json_error(status, "timeout", "the request took too long")
         else:
-            body = {"error": "internal_error", "detail": "internal error"}
-        response = web.Response(
-            status=status, text=json.dumps(body), content_type="application/json"
-        )
+            response = json_error(status, "internal_error", "internal error")
         response.headers[REQUEST_ID] = rid
         response.force_close()
         return response
@@ -148,20 +146,16 @@ def _framing_error(messages: Sequence[tuple[object, object]]) -> HttpProcessingE
     return exc if isinstance(exc, HttpProcessingError) else None
 
 
-def _overflowing_body(parser: object) -> _Failable | None:
+def _overflowing_body(handler: RequestHandler) -> _Failable | None:
     """The body being read, when the pure-Python parser took a chunk size beyond
     MAX_CHUNK_SIZE for it.
 
-    Reads that parser's own state (`_payload_parser._chunk_size`, the bytes still
-    due in the current chunk); the C parser keeps it out of reach and refuses
-    sizes past 64 bits itself. Should aiohttp rename those attributes this check
-    does nothing, and the smuggling tests say so.
+    Reads that parser's own state (the bytes still due in the current chunk); the
+    C parser keeps it out of reach and refuses sizes past 64 bits itself.
     """
-    payload_parser = getattr(parser, "_payload_parser", None)
-    due = getattr(payload_parser, "_chunk_size", 0)
-    if not (isinstance(due, int) and due > MAX_CHUNK_SIZE):
+    due, body = private.chunk_in_progress(handler)
+    if due <= MAX_CHUNK_SIZE:
         return None
-    body = getattr(payload_parser, "payload", None)
     return body if isinstance(body, _Failable) else None
 
 
@@ -174,13 +168,15 @@ class GatewayServer(web.Server):
     """aiohttp's low-level server, with `GatewayRequestHandler` connections."""
 
     def __call__(self) -> RequestHandler:
-        return GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+        return GatewayRequestHandler(
+            self, loop=private.server_loop(self), **private.server_kwargs(self)
+        )
 
 
 class GatewayRunner(web.AppRunner):
     """`web.AppRunner` whose server is a `GatewayServer`; a drop-in for the proxy app."""
 
-    async def _make_server(self) -> web.Server:
+    async def _make_server(self) -> web.Server:  # aiohttp_private.PINNED
         server = await super()._make_server()
         # The application built a plain `web.Server` with every keyword its
         # `handler_args` and this runner supply; the same again, as a GatewayServer.
@@ -190,6 +186,6 @@ class GatewayRunner(web.AppRunner):
             # The gateway's handler needs no router state: plain `BaseRequest`s.
             request_factory=None if answer else server.request_factory,
             handler_cancellation=server.handler_cancellation,
-            loop=server._loop,
-            **server._kwargs,
+            loop=private.server_loop(server),
+            **private.server_kwargs(server),
         )

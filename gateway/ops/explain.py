@@ -137,8 +137,8 @@ class Explainer:
         original = OriginalRequest(query.method, raw_path, query_string, CIMultiDict(), None)
         record = RequestRecord("explain")
         decision = await engine.decide(original, record, credential=credential, dry_run=True)
-        if decision.resolved is None and decision.reason == "expired_key":
-            assert isinstance(credential, Resolved)  # a key is refused by the resolver
+        if isinstance(credential, Resolved) and decision.reason == "expired_key":
+            # An expired identity from the cache: refused, and still shown.
             return _answer(query, fingerprint, decision, record, credential)
         return _answer(query, fingerprint, decision, record, decision.resolved)
 

@@ -48,6 +48,7 @@ from redis.exceptions import RedisError
 from gateway.auth.identity import Fetch, SharedEntry, entry_bounds
 from gateway.config import CacheConfig
 from gateway.errors import TowerFault
+from gateway.http.answers import json_error
 from gateway.tower import REJECTION_REASONS, Identity, Rejection
 
 log = logging.getLogger("tower_gateway.shared")
@@ -726,7 +727,7 @@ def revocation_webhook(
     configured secret, 401 on a bad or stale signature, 400 on a malformed body."""
 
     def error(status: int, code: str, detail: str) -> web.Response:
-        return web.json_response({"error": code, "detail": detail}, status=status)
+        return json_error(status, code, detail)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         if secret is None:

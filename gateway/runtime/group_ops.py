@@ -9,7 +9,6 @@ worker that can. Worker processes themselves are run by `gateway.runtime.workers
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -23,6 +22,8 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from gateway.http.answers import json_error
+from gateway.http.answers import json_response as _json
 from gateway.runtime.workers import WORKER_LABEL, Reply, WorkerGroup
 
 log = logging.getLogger("tower_gateway.workers")
@@ -98,8 +99,6 @@ def merge_cache_stats(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the parent's ops app
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(data), status=status, content_type="application/json")
 
 
 def _passthrough(reply: Reply) -> web.Response:
@@ -108,11 +107,11 @@ def _passthrough(reply: Reply) -> web.Response:
 
 def _unavailable(failed: Sequence[Reply]) -> web.Response:
     names = ", ".join(f"{r.worker} ({r.error or f'status {r.status}'})" for r in failed)
-    return _json({"error": "worker_unavailable", "detail": f"workers did not answer: {names}"}, 502)
+    return json_error(502, "worker_unavailable", f"workers did not answer: {names}")
 
 
 def _no_worker() -> web.Response:
-    return _json({"error": "unavailable", "detail": "no worker answered"}, 503)
+    return json_error(503, "unavailable", "no worker answered")
 
 
 # Never passed to a worker: hop-by-hop headers, the body framing (set again for
@@ -306,7 +305,7 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
         try:
             limit = parse_limit(request.query.get("limit"))
         except ValueError as exc:
-            return _json({"error": "bad_request", "detail": str(exc)}, 400)
+            return json_error(400, "bad_request", str(exc))
         replies = await group.fan_out(
             hdrs.METH_GET, request.raw_path, every=False, headers=_forwarded_headers(request)
         )

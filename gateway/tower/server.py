@@ -17,6 +17,7 @@ from typing import Final
 
 from aiohttp import hdrs, web
 
+from gateway.http.answers import json_error
 from gateway.tower.local import KeyStore, flush_periodically
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ SECRET_HEADER: Final = "X-Tower-Secret"
 
 
 def _error(status: int, code: str, detail: str, **headers: str) -> web.Response:
-    return web.json_response({"error": code, "detail": detail}, status=status, headers=headers)
+    return json_error(status, code, detail, headers=headers)
 
 
 def _same(given: str | None, expected: bytes) -> bool:
