@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry
 from gateway.auth.clientguard import FailureThrottle
 from gateway.auth.components import Components, build_components
 from gateway.auth.decide import DecisionEngine
-from gateway.auth.identity import CacheStats, Fingerprinter, IdentityResolver, derive_secret
+from gateway.auth.fingerprint import Fingerprinter, derive_secret
+from gateway.auth.identity import CacheStats, IdentityResolver
 from gateway.auth.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.auth.tokens import SigningKey, TokenMinter, load_signing_key
 from gateway.config import Config
@@ -204,10 +205,6 @@ class Gateway:
 
     def forget_locally(self, key_ids: Sequence[str] | None) -> int:
         return self.revoker.forget_locally(key_ids)
-
-    def fingerprint(self, digest: bytes) -> str:
-        """The short fingerprint of a key's digest (what logs and `explain` show)."""
-        return self.fingerprinter.short(digest)
 
     async def _redis_ok(self) -> bool:
         return self.replicas is not None and await self.replicas.ping()

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from gateway.auth.identity import Fingerprinter, IdentityResolver
+from gateway.auth.fingerprint import Fingerprinter
+from gateway.auth.identity import IdentityResolver
 from gateway.config import CacheConfig, TowerConfig
 from gateway.errors import InvalidKey, TowerUnavailable
 from gateway.tower.client import RemoteTower

@@ -31,7 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import load_config, parse_config_text
 from gateway.replicas.shared import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign_webhook
 from gateway.runtime.group_ops import merge_cache_stats, merge_expositions
-from gateway.runtime.workers import WorkerGroup, backoff
+from gateway.runtime.slots import backoff
+from gateway.runtime.workers import WorkerGroup
 from tests.conftest import (
     ADMIN_TOKEN,
     ENV,

@@ -33,7 +33,8 @@ from gateway.auth.capabilities import Grants
 from gateway.auth.clientguard import FailureThrottle, key_shape_ok
 from gateway.auth.components import Components
 from gateway.auth.credentials import has_query_key
-from gateway.auth.identity import Fingerprinter, IdentityResolver, Resolved
+from gateway.auth.fingerprint import Fingerprinter
+from gateway.auth.identity import IdentityResolver, Resolved
 from gateway.auth.ratelimit import RateLimiter, effective_limit
 from gateway.auth.routes import Route, normalise_path
 from gateway.auth.tokens import TokenMinter

@@ -12,8 +12,6 @@ every request by the caller.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -22,6 +20,7 @@ from typing import Any, Final, Protocol
 
 from cachetools import Cache, LRUCache, TTLCache
 
+from gateway.auth.fingerprint import Fingerprinter
 from gateway.config import CacheConfig
 from gateway.errors import InvalidKey, TowerFault, TowerUnavailable
 from gateway.tower import Identity, Rejection, Tower
@@ -34,34 +33,6 @@ _DETAILS: Final = {
     "expired_key": "API key has expired",
     "revoked_key": "API key has been revoked",
 }
-
-
-class Fingerprinter:
-    """Keyed hash of API keys: cache keys, log fingerprints, rate-limit buckets.
-
-    BLAKE2b in its keyed mode (a MAC by design, RFC 7693), 32 bytes: a quarter
-    of HMAC-SHA256's cost, and it runs on every request. The keyed state is
-    built once and copied per key.
-    """
-
-    __slots__ = ("_keyed",)
-
-    def __init__(self, secret: bytes) -> None:
-        self._keyed = hashlib.blake2b(key=secret[:64], digest_size=32, person=b"tg-key-fp")
-
-    def digest(self, api_key: str) -> bytes:
-        h = self._keyed.copy()
-        h.update(api_key.encode())
-        return h.digest()
-
-    @staticmethod
-    def short(digest: bytes) -> str:
-        """A printable fingerprint: enough to correlate, useless to attack."""
-        return digest[:8].hex()
-
-
-def derive_secret(material: bytes, purpose: str) -> bytes:
-    return hmac.digest(material, b"tower-gateway/" + purpose.encode(), hashlib.sha256)
 
 
 @dataclass(slots=True)

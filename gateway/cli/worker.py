@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from gateway.cli.main import configure_logging, load_or_exit
 from gateway.errors import ConfigError
 from gateway.runtime.serve import run, serve
-from gateway.runtime.workers import EXIT_CONFIG, EXIT_LISTEN, WORKER_LABEL
+from gateway.runtime.slots import WORKER_LABEL
+from gateway.runtime.workers import EXIT_CONFIG, EXIT_LISTEN
 
 
 class _WorkerFormatter(logging.Formatter):

@@ -24,7 +24,8 @@ from prometheus_client.registry import Collector
 
 from gateway.http.answers import json_error
 from gateway.http.answers import json_response as _json
-from gateway.runtime.workers import WORKER_LABEL, Reply, WorkerGroup
+from gateway.runtime.slots import WORKER_LABEL, Reply
+from gateway.runtime.workers import WorkerGroup
 
 log = logging.getLogger("tower_gateway.workers")
 

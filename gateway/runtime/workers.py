@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
-import site
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,6 +38,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from yarl import URL
 
 from gateway.config import Config
+from gateway.runtime.slots import (
+    WORKER_LABEL,
+    Reply,
+    WorkerSlot,
+    backoff,
+    describe_exit,
+    worker_env,
+)
 
 log = logging.getLogger("tower_gateway.workers")
 
@@ -48,8 +53,6 @@ EXIT_CONFIG: Final = 2  # same as `tower-gateway check-config`: the config canno
 EXIT_LISTEN: Final = 3  # a worker could not bind its listeners
 STARTUP_TIMEOUT: Final = 60.0  # every worker must answer on its ops socket within this
 STABLE_AFTER: Final = 10.0  # a worker that lived this long resets the back-off
-BACKOFF_BASE: Final = 0.5
-BACKOFF_MAX: Final = 30.0
 STOP_GRACE: Final = 10.0  # beyond server.shutdown_timeout before stragglers are killed
 KILL_WAIT: Final = 5.0
 FANOUT_TIMEOUT: Final = 5.0  # below Prometheus' default 10 s scrape timeout
@@ -57,59 +60,9 @@ FANOUT_TIMEOUT: Final = 5.0  # below Prometheus' default 10 s scrape timeout
 # connections (SO_REUSEPORT): after this many missed health checks it is killed.
 HEALTH_INTERVAL: Final = 5.0
 HEALTH_FAILURES: Final = 3
-WORKER_LABEL: Final = "worker"
-
-
-def backoff(quick_exits: int) -> float:
-    """Seconds to wait before restarting a worker after `quick_exits` short-lived runs."""
-    if quick_exits <= 0:
-        return 0.0
-    return float(min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (quick_exits - 1)))
 
 
 # --------------------------------------------------------------------------- the group
-
-
-@dataclass(eq=False)
-class WorkerSlot:
-    """One worker position; its process is replaced when it dies."""
-
-    index: int
-    socket_path: str
-    process: asyncio.subprocess.Process | None = None
-    session: aiohttp.ClientSession | None = None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    started_at: float = 0.0
-    restarts: int = 0
-    quick_exits: int = 0
-    last_exit: int | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "worker": self.index,
-            "pid": self.process.pid if self.alive and self.process else None,
-            "ready": self.ready.is_set(),
-            "restarts": self.restarts,
-            "uptime_seconds": round(time.monotonic() - self.started_at, 3) if self.alive else 0,
-            "last_exit": self.last_exit,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A worker's answer to a fanned-out request; status 0 when it did not answer."""
-
-    worker: int
-    status: int
-    body: bytes = b""
-    error: str | None = None
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 class WorkerGroup:
@@ -142,7 +95,7 @@ class WorkerGroup:
         self._started = False
         self._wake = asyncio.Event()  # interrupts back-off sleeps when the group stops
         self._fatal: asyncio.Future[int] | None = None
-        self._env = _worker_env()
+        self._env = worker_env()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -242,7 +195,7 @@ class WorkerGroup:
                     "worker %d (pid %d) exited with %s while starting; stopping",
                     slot.index,
                     process.pid,
-                    _describe_exit(code),
+                    describe_exit(code),
                 )
                 self._fail(1)
                 return
@@ -252,7 +205,7 @@ class WorkerGroup:
                 "worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
                 slot.index,
                 process.pid,
-                _describe_exit(code),
+                describe_exit(code),
                 lived,
                 delay,
             )
@@ -445,32 +398,6 @@ class WorkerGroup:
             worker_up.add_metric([str(slot.index)], 1.0 if up.get(slot.index) else 0.0)
             restarts.add_metric([str(slot.index)], slot.restarts)
         return [worker_up, restarts]
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"signal {signal.Signals(-code).name}"
-    return f"status {code}"
-
-
-def _worker_env() -> dict[str, str]:
-    """The parent's environment, plus the directory this package was imported from.
-
-    A worker must run the same code as its parent, also when the parent runs
-    from a source checkout that is not installed. An installed package needs
-    nothing: adding site-packages to PYTHONPATH would reorder the import path.
-    """
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    installed = {
-        str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]
-    }
-    if root not in installed:
-        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if root not in parts:
-            env["PYTHONPATH"] = os.pathsep.join([root, *parts])
-    return env
 
 
 # --------------------------------------------------------------------------- entry points

@@ -64,6 +64,7 @@ from gateway.errors import (
 from gateway.http.forwarded import add_forwarding
 from gateway.http.headers import REQUEST_ID, HeaderPolicy
 from gateway.ops.accesslog import RequestRecord
+from gateway.websocket.auth_message import BAD_AUTH_MESSAGE, auth_key
 from gateway.websocket.registry import (
     CLOSE_TIMEOUT,
     GOING_AWAY,
@@ -83,11 +84,6 @@ from gateway.websocket.relay import (
 
 log = logging.getLogger("tower_gateway.websocket")
 
-# Before authentication a client gets only this much: an auth message is tiny,
-# and an unauthenticated peer must not make the gateway parse big documents.
-# Checked once the frame is read, so `max_message_size` bounds what reading it costs.
-AUTH_MESSAGE_LIMIT: Final = 16 * 1024
-BAD_AUTH_MESSAGE: Final = 4400
 AUTH_TIMEOUT: Final = 4408
 
 
@@ -361,7 +357,7 @@ class _Handshake:
 
         msg = receive.result()
         if msg.type is WSMsgType.TEXT:
-            key = _auth_key(msg.data, self.config.credentials.max_key_length)
+            key = auth_key(msg.data, self.config.credentials.max_key_length)
             if isinstance(key, Ending):
                 if key.code != WS_UNAUTHORIZED:
                     return key
@@ -414,33 +410,6 @@ class _Handshake:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _auth_key(text: str, max_key_length: int) -> str | Ending:
-    """The key of a first message, or why the message is not an auth message."""
-    if len(text) > AUTH_MESSAGE_LIMIT:
-        return Ending(
-            WSCloseCode.POLICY_VIOLATION, "auth message too large", "auth_message_too_large"
-        )
-    try:
-        body = json.loads(text)
-    except (ValueError, RecursionError):  # RecursionError: `[[[[...` nested too deep
-        return Ending(BAD_AUTH_MESSAGE, "auth message is not JSON", "bad_auth_message")
-    if not isinstance(body, dict) or body.get("type") != "auth":
-        return Ending(
-            BAD_AUTH_MESSAGE, 'expected {"type": "auth", "api_key": ...}', "bad_auth_message"
-        )
-    key = body.get("api_key")
-    if not isinstance(key, str):
-        return Ending(BAD_AUTH_MESSAGE, "api_key must be a string", "bad_auth_message")
-    # The same shape rule as header keys: printable ASCII without space.
-    if (
-        not key
-        or len(key) > max_key_length
-        or not (key.isascii() and key.isprintable() and " " not in key)
-    ):
-        return Ending(WS_UNAUTHORIZED, "malformed API key", "malformed_key")
-    return key
 
 
 def _offered_protocols(request: web.BaseRequest) -> tuple[str, ...]:

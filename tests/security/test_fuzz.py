@@ -24,7 +24,7 @@ from gateway.errors import BadRequest, ConfigError, NotFound, TowerFault
 from gateway.http.headers import HeaderPolicy, canonical
 from gateway.tower import MAX_FIELD_LENGTH, Identity, Rejection, parse_answer
 from gateway.tower.client import RemoteTower
-from gateway.websocket.handshake import _auth_key
+from gateway.websocket.auth_message import auth_key as _auth_key
 from gateway.websocket.registry import Ending
 from tests.conftest import ENV
 

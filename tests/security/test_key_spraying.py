@@ -22,7 +22,8 @@ import pytest
 import uvloop
 
 from gateway.auth.clientguard import FailureThrottle, client_bucket
-from gateway.auth.identity import Fingerprinter, IdentityResolver
+from gateway.auth.fingerprint import Fingerprinter
+from gateway.auth.identity import IdentityResolver
 from gateway.config import CacheConfig, parse_config
 from gateway.errors import InvalidKey, RateLimited
 from gateway.tower import Identity, Rejection
