@@ -304,7 +304,7 @@ def bench_headers(table: Table) -> None:
 
 
 def bench_pipeline_pieces(table: Table) -> None:
-    """The other per-request steps of `Gateway.handle`, to rank them against auth."""
+    """The other per-request steps of the proxy listener's `handle`, to rank them against auth."""
     gateway = make_gateway(make_config())
     routes = gateway.components.routes
     metrics = gateway.metrics
