@@ -61,7 +61,9 @@ PUBLIC_ROUTE: Final = "public_route"
 WS_NORMAL: Final = 1000
 
 
-@dataclass(frozen=True, slots=True)
+# Built per request, so not `frozen`: a frozen dataclass's __init__ pays an
+# object.__setattr__ per field. Neither is changed once built.
+@dataclass(slots=True)
 class OriginalRequest:
     """The request a decision is about, as its client sent it, whoever received it."""
 
@@ -75,7 +77,7 @@ class OriginalRequest:
     upgrade: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """What `decide()` found: enough for any caller to answer without deciding anything."""
 
@@ -191,12 +193,73 @@ class DecisionEngine:
             record.decision, record.reason = PUBLIC, PUBLIC_ROUTE
             return Decision(PUBLIC, PUBLIC_ROUTE, 200, route, path)
         shadow = not route.config.enforce and not request.upgrade
+        # Identity -> grants -> policy -> rate limit -> JWT, in this one coroutine: it
+        # runs for every request, and only a cache miss awaits another one.
         try:
-            return await self._authorize(
-                request, record, parts, route, path, credential, shadow, dry_run
+            key, resolved = self._cached(request, parts, credential)
+            if resolved is None:
+                assert key is not None
+                resolved = await self._resolve(key, record, parts, dry_run)
+            identity = resolved.identity
+            record.identify(self.fingerprinter.short(resolved.digest), identity)
+            grants = parts.mapper.grants(identity)
+            record.role = grants.role
+            default_limit = parts.config.rate_limit.default_per_minute
+            per_minute = (
+                effective_limit(identity.rate_limit, default_limit)
+                if identity.rate_limit is not None or default_limit > 0
+                else None
             )
+            would_deny: GatewayError | None = None
+            missing = grants.missing(route.require)
+            if missing is not None:
+                record.missing = missing
+                would_deny = Forbidden(f"Missing required capability: {missing}")
+                if not shadow:
+                    raise would_deny
+            headers: Mapping[str, str] | None = None
+            limiter = self.limiter
+            if limiter is not None and per_minute is not None:
+                bucket = resolved.digest.hex()
+                limited = await (limiter.peek if dry_run else limiter.hit)(bucket, per_minute)
+                headers = limited.headers()
+                if not limited.allowed:
+                    denial = RateLimited("Rate limit exceeded", headers=headers)
+                    if not shadow:
+                        raise denial
+                    would_deny = would_deny or denial
         except GatewayError as exc:
-            return self.refused(exc, record, route, path, shadow=shadow, dry_run=dry_run)
+            known = record.role is not None  # refused by policy: who it was is known
+            return self.refused(
+                exc,
+                record,
+                route,
+                path,
+                shadow=shadow,
+                dry_run=dry_run,
+                resolved=resolved if known else None,
+                grants=grants if known else None,
+                per_minute=per_minute if known else None,
+            )
+        record.decision, record.reason = ALLOW, resolved.source
+        token = None if dry_run else self.minter.token_for(resolved.digest, identity, grants)
+        if would_deny is None:
+            if not dry_run:
+                self.metrics.count_auth("success")
+                self.audit.auth(record, decision=ALLOW, reason=None)
+            return Decision(
+                ALLOW, resolved.source, 200, route, path, headers, None, resolved, grants, token,
+                per_minute,
+            )  # fmt: skip
+        if not dry_run:
+            self.metrics.count_auth(would_deny.reason)
+            self.audit.auth(record, decision=WOULD_DENY, reason=would_deny.reason)
+            self.metrics.would_deny.labels(route.name, would_deny.reason).inc()
+        record.decision, record.reason = WOULD_DENY, would_deny.reason
+        return Decision(
+            WOULD_DENY, would_deny.reason, would_deny.status, route, path, headers, would_deny,
+            resolved, grants, token, per_minute,
+        )  # fmt: skip
 
     def refused(
         self,
@@ -238,107 +301,22 @@ class DecisionEngine:
             per_minute=per_minute,
         )
 
-    # ------------------------------------------------------------------ the pipeline
+    # ------------------------------------------------------------------ identity
 
-    async def _authorize(
-        self,
-        request: OriginalRequest,
-        record: RequestRecord,
-        parts: Components,
-        route: Route,
-        path: str | None,
-        credential: str | Resolved | None,
-        shadow: bool,
-        dry_run: bool,
-    ) -> Decision:
-        """Identity -> grants -> policy -> rate limit -> JWT; raises a `GatewayError`."""
-        resolved = await self._identify(request, record, parts, credential, dry_run)
-        identity = resolved.identity
-        record.identify(self.fingerprinter.short(resolved.digest), identity)
-        grants = parts.mapper.grants(identity)
-        record.role = grants.role
-        default_limit = parts.config.rate_limit.default_per_minute
-        per_minute = (
-            effective_limit(identity.rate_limit, default_limit)
-            if identity.rate_limit is not None or default_limit > 0
-            else None
-        )
-        would_deny: GatewayError | None = None
-        missing = grants.missing(route.require)
-        if missing is not None:
-            record.missing = missing
-            would_deny = Forbidden(f"Missing required capability: {missing}")
-            if not shadow:
-                return self.refused(
-                    would_deny,
-                    record,
-                    route,
-                    path,
-                    dry_run=dry_run,
-                    resolved=resolved,
-                    grants=grants,
-                    per_minute=per_minute,
-                )
-        headers: Mapping[str, str] | None = None
-        limiter = self.limiter
-        if limiter is not None and per_minute is not None:
-            bucket = resolved.digest.hex()
-            limited = await (limiter.peek if dry_run else limiter.hit)(bucket, per_minute)
-            headers = limited.headers()
-            if not limited.allowed:
-                denial = RateLimited("Rate limit exceeded", headers=headers)
-                if not shadow:
-                    return self.refused(
-                        denial,
-                        record,
-                        route,
-                        path,
-                        dry_run=dry_run,
-                        resolved=resolved,
-                        grants=grants,
-                        per_minute=per_minute,
-                    )
-                would_deny = would_deny or denial
-        record.decision, record.reason = ALLOW, resolved.source
-        token = None if dry_run else self.minter.token_for(resolved.digest, identity, grants)
-        if would_deny is None:
-            if not dry_run:
-                self.metrics.count_auth("success")
-                self.audit.auth(record, decision=ALLOW, reason=None)
-            return Decision(
-                ALLOW, resolved.source, 200, route, path, headers, None, resolved, grants, token,
-                per_minute,
-            )  # fmt: skip
-        if not dry_run:
-            self.metrics.count_auth(would_deny.reason)
-            self.audit.auth(record, decision=WOULD_DENY, reason=would_deny.reason)
-            self.metrics.would_deny.labels(route.name, would_deny.reason).inc()
-        record.decision, record.reason = WOULD_DENY, would_deny.reason
-        return Decision(
-            WOULD_DENY, would_deny.reason, would_deny.status, route, path, headers, would_deny,
-            resolved, grants, token, per_minute,
-        )  # fmt: skip
-
-    async def _identify(
-        self,
-        request: OriginalRequest,
-        record: RequestRecord,
-        parts: Components,
-        credential: str | Resolved | None,
-        dry_run: bool,
-    ) -> Resolved:
-        """Who the credential belongs to; raises `MissingKey`, `InvalidKey`, `BadRequest`,
-        `RateLimited` (too many failures) or `TowerUnavailable`."""
+    def _cached(
+        self, request: OriginalRequest, parts: Components, credential: str | Resolved | None
+    ) -> tuple[str | None, Resolved | None]:
+        """The key, and its identity when the cache has it fresh (no tower call, no throttle);
+        raises `MissingKey`, `MalformedKey`, `BadRequest` or `InvalidKey` (an expired one)."""
         if isinstance(credential, Resolved):  # an identity from the cache (explain)
             if credential.identity.expired(self.clock()):
                 raise InvalidKey("API key has expired", reason="expired_key")
-            return credential
+            return None, credential
         extractor = parts.extractor
-        key = (
-            extractor.extract(request.headers)
-            if credential is None
-            else extractor.check(credential)
-        )
+        if credential is None:
+            key = extractor.extract(request.headers)
+        else:
+            key = extractor.check(credential)
         if key is None:
             raise MissingKey(
                 f"No API key: send {extractor.describe()}",
@@ -346,9 +324,13 @@ class DecisionEngine:
             )
         # A fresh cached identity cannot be a guessed key: only lookups that may
         # reach the tower (or a cached refusal) go through the throttle.
-        resolved = self.resolver.fresh_hit(key)
-        if resolved is not None:
-            return resolved
+        return key, self.resolver.fresh_hit(key)
+
+    async def _resolve(
+        self, key: str, record: RequestRecord, parts: Components, dry_run: bool
+    ) -> Resolved:
+        """Who `key` belongs to, from the cache or the tower, under the failure throttle;
+        raises `InvalidKey`, `RateLimited` (too many failures) or `TowerUnavailable`."""
         guard = parts.config.credentials
         per_minute = 0.0 if dry_run else guard.failed_auth_per_minute
         with self.failures.attempt(record.client, per_minute):

@@ -135,7 +135,6 @@ class ProxyListener:
             query,
             headers_in,
             client_address(request, parts.trusted_proxies),
-            upgrade=is_upgrade(headers_in),
         )
         # Logged as sent (still %-escaped): what the client asked for, not a decoding of it.
         record.client, record.method, record.path = original.client, original.method, raw_path
@@ -147,7 +146,8 @@ class ProxyListener:
 
         headers = parts.headers.forwardable(headers_in, connection_tokens(headers_in))
         parts.headers.scrub(headers, parts.extractor.candidates(headers_in))
-        if original.upgrade and route.config.websocket and self.websockets is not None:
+        if route.config.websocket and is_upgrade(headers_in) and self.websockets is not None:
+            original.upgrade = True
             return await self.websockets.handle(
                 request, original, route, path, query, headers, record, parts
             )
