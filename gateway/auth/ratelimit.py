@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 import redis.asyncio
-from redis.commands.core import AsyncScript
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +216,8 @@ class MemoryRateLimiter:
             self._tats.popitem(last=False)
 
 
-# KEYS[1]: the bucket; ARGV[1]: emission interval in microseconds; ARGV[2]: burst.
+# KEYS[1]: the bucket; ARGV[1]: emission interval in microseconds; ARGV[2]: burst;
+# ARGV[3], when given: only say what a request would get, and count nothing (explain).
 # Times are whole microseconds so every value is an exact integer in Lua's doubles, and Redis
 # (which truncates Lua numbers in replies) returns them unchanged.
 _GCRA_LUA: Final = """
@@ -234,27 +234,12 @@ local allow_at = new_tat - interval * burst
 if now < allow_at then
   return {0, 0, tat - now, allow_at - now}
 end
+if ARGV[3] then
+  return {1, math.floor((now - allow_at) / interval), new_tat - now, 0}
+end
 -- The key lives exactly until the bucket is full again, when it would equal a missing key.
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
            math.max(1, math.ceil((new_tat - now) / 1000)))
-return {1, math.floor((now - allow_at) / interval), new_tat - now, 0}
-"""
-
-
-# The same step read-only: what the next request would get, nothing written.
-_GCRA_PEEK_LUA: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now) or now
-if tat < now then tat = now end
-if tat > now + interval * burst then tat = now + interval * burst end
-local new_tat = tat + interval
-local allow_at = new_tat - interval * burst
-if now < allow_at then
-  return {0, 0, tat - now, allow_at - now}
-end
 return {1, math.floor((now - allow_at) / interval), new_tat - now, 0}
 """
 
@@ -288,7 +273,6 @@ class RedisRateLimiter:
         self._retry_interval = retry_interval
         self._clock = clock
         self._script = client.register_script(_GCRA_LUA)
-        self._peek_script = client.register_script(_GCRA_PEEK_LUA)
         self._skip_until = -math.inf
         self._degraded = False
 
@@ -323,7 +307,7 @@ class RedisRateLimiter:
         interval, burst = _plan(per_minute, self._burst)
         if self._clock() >= self._skip_until:
             try:
-                return await self._redis_hit(bucket, interval, burst, self._peek_script)
+                return await self._redis_hit(bucket, interval, burst, peek=True)
             except Exception:  # reported by the next `hit`; a peek changes nothing
                 log.debug("rate limit peeked locally for bucket %s", bucket)
         return self._fallback.peek_now(bucket, per_minute)
@@ -332,12 +316,12 @@ class RedisRateLimiter:
         await self._fallback.close()
 
     async def _redis_hit(
-        self, bucket: str, interval: float, burst: int, script: AsyncScript | None = None
+        self, bucket: str, interval: float, burst: int, *, peek: bool = False
     ) -> Decision:
         interval_us = max(1, round(interval * _US_PER_S))
-        script = script if script is not None else self._script
+        args = [interval_us, burst, 1] if peek else [interval_us, burst]
         async with asyncio.timeout(self._timeout):
-            reply = await script(keys=[self._prefix + bucket], args=[interval_us, burst])
+            reply = await self._script(keys=[self._prefix + bucket], args=args)
         allowed, remaining, reset_us, retry_us = (int(v) for v in reply)
         return Decision(
             allowed=allowed == 1,
