@@ -18,7 +18,8 @@ import pytest
 from gateway.cli.keys import register
 from gateway.config import load_config
 from gateway.tower import keyformat
-from gateway.tower.local import KeyStore, resolve_hash_secret
+from gateway.tower.local import resolve_hash_secret
+from gateway.tower.store import KeyStore
 
 ROOT = Path(__file__).resolve().parent.parent
 JWT_SECRET = "j" * 40

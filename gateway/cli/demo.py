@@ -53,7 +53,8 @@ def _upstream_address(config: Config) -> tuple[str, int]:
 
 
 def create_demo_key(config: Config) -> str:
-    from gateway.tower.local import KeyStore, resolve_hash_secret
+    from gateway.tower.local import resolve_hash_secret
+    from gateway.tower.store import KeyStore
 
     assert config.tower.local is not None
     store = KeyStore(

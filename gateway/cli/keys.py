@@ -20,8 +20,10 @@ from aiohttp import web
 
 from gateway.config import Config, LocalTowerConfig, default_config_path, load_config
 from gateway.errors import ConfigError
-from gateway.tower.local import KeyRecord, KeyStore, StoreError, resolve_hash_secret
+from gateway.tower.local import resolve_hash_secret
+from gateway.tower.records import KeyRecord, StoreError
 from gateway.tower.server import create_tower_app
+from gateway.tower.store import KeyStore
 
 DEFAULT_TOWER_HOST: Final = "127.0.0.1"
 DEFAULT_TOWER_PORT: Final = 9999

@@ -18,7 +18,8 @@ from typing import Final
 from aiohttp import hdrs, web
 
 from gateway.http.answers import json_error
-from gateway.tower.local import KeyStore, flush_periodically
+from gateway.tower.local import flush_periodically
+from gateway.tower.store import KeyStore
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 import gateway
-from gateway.tower.local import KeyStore
 from gateway.tower.server import create_tower_app
+from gateway.tower.store import KeyStore
 from tests.conftest import ADMIN_TOKEN, Harness
 from tests.security.conftest import exchange
 
