@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,35 @@ ENV = {
     "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
 }
 SECRETS = (TOWER_API_KEY, TOWER_SECRET, JWT_SECRET, ADMIN_TOKEN)
+
+
+async def until(
+    condition: Callable[[], object],
+    within: float = 5.0,
+    what: str = "the condition",
+    *,
+    interval: float = 0.01,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> None:
+    """Wait until `condition()` (a plain or an async callable) is true, polling every
+    `interval` seconds; fail the test after `within` seconds. Errors of the `ignore`
+    types count as "not yet". For tests to wait for a state, never for a guessed time."""
+    deadline = time.monotonic() + within
+    last: BaseException | None = None
+    while True:
+        try:
+            result = condition()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+        except ignore as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"timed out after {within}s waiting for {what} (last error: {last!r})"
+            )
+        await asyncio.sleep(interval)
 
 
 def tower_record(
