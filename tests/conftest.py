@@ -326,10 +326,17 @@ async def make_gateway(
     async def factory(
         clock: Callable[[], float] = time.time,
         access_log: AccessLog | None = None,
+        tower_clock: Callable[[], float] = time.monotonic,
         **overrides: Any,
     ) -> Harness:
         config = gateway_config(fake_tower.url, fake_upstream.url, **overrides)
-        gateway = Gateway(config, registry=CollectorRegistry(), clock=clock, access_log=access_log)
+        gateway = Gateway(
+            config,
+            registry=CollectorRegistry(),
+            clock=clock,
+            access_log=access_log,
+            tower_clock=tower_clock,
+        )
         client = await aiohttp_client(await quiet_server(gateway.proxy_app()))
         ops = await aiohttp_client(await quiet_server(gateway.ops_app()))
         return Harness(gateway, client, ops, fake_tower, fake_upstream)
