@@ -99,6 +99,8 @@ class FakeTower:
     calls: list[str] = field(default_factory=list)
     mode: str = "ok"  # ok | error500 | garbage | wrong_types | unauthorized | hang | redirect
     delay: float = 0.0
+    # When set, each call is recorded and then held until the test sets the event.
+    gate: asyncio.Event | None = None
     url: str = ""
     server: TestServer | None = None  # close it to take the tower down
 
@@ -118,6 +120,8 @@ class FakeTower:
         body = await request.json()
         key = body.get("api_key")
         self.calls.append(key)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.delay:
             await asyncio.sleep(self.delay)
         if (

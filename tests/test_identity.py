@@ -84,13 +84,14 @@ async def test_cancelled_first_caller_does_not_fail_the_others(
     make_resolver: ResolverFactory, fake_tower: FakeTower
 ) -> None:
     fake_tower.add("k", key_id="k1", user_id="u1", role="operator")
-    fake_tower.delay = 0.3
+    fake_tower.gate = asyncio.Event()
     resolver = make_resolver()
     first = asyncio.create_task(resolver.resolve("k"))
     await until(lambda: fake_tower.calls == ["k"], what="the first call at the tower")
     others = [asyncio.create_task(resolver.resolve("k")) for _ in range(5)]
     await until(lambda: resolver.stats.waiters == 5, what="five callers waiting on it")
     first.cancel()
+    fake_tower.gate.set()
     results = await asyncio.gather(*others)
     assert first.cancelled()
     assert {r.identity.user_id for r in results} == {"u1"}
@@ -104,11 +105,12 @@ async def test_all_callers_cancelled_still_caches_the_answer(
     make_resolver: ResolverFactory, fake_tower: FakeTower
 ) -> None:
     fake_tower.add("k", key_id="k1", user_id="u1", role="operator")
-    fake_tower.delay = 0.2
+    fake_tower.gate = asyncio.Event()
     resolver = make_resolver()
     task = asyncio.create_task(resolver.resolve("k"))
     await until(lambda: fake_tower.calls == ["k"], what="the call at the tower")
     task.cancel()
+    fake_tower.gate.set()
     await until(lambda: resolver.entry_counts()[0] == 1, what="the answer to be cached")
     assert (await resolver.resolve("k")).source == "hit"
     assert fake_tower.calls == ["k"]
