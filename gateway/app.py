@@ -95,7 +95,12 @@ http_log: Final = logging.getLogger("tower_gateway.http")
 http_log.addFilter(_RedactMalformed())
 
 
-def make_tower(config: Config, *, on_circuit_change: Callable[[str], None] | None = None) -> Tower:
+def make_tower(
+    config: Config,
+    *,
+    on_circuit_change: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Tower:
     if config.tower.local is not None:
         from gateway.tower.local import LocalTower
 
@@ -105,7 +110,7 @@ def make_tower(config: Config, *, on_circuit_change: Callable[[str], None] | Non
     from gateway.tower.resilient import ResilientTower
 
     return ResilientTower.from_config(
-        RemoteTower(config.tower), config.tower, on_state_change=on_circuit_change
+        RemoteTower(config.tower), config.tower, clock=clock, on_state_change=on_circuit_change
     )
 
 
@@ -183,6 +188,7 @@ class Gateway:
         clock: Callable[[], float] = time.time,
         access_log: AccessLog | None = None,
         audit: AuditLog | None = None,
+        tower_clock: Callable[[], float] = time.monotonic,  # the circuit breaker's periods
     ) -> None:
         self.config = config
         self.clock = clock
@@ -193,7 +199,7 @@ class Gateway:
         self.tower: Tower = (
             tower
             if tower is not None
-            else make_tower(config, on_circuit_change=self.metrics.circuit_state)
+            else make_tower(config, on_circuit_change=self.metrics.circuit_state, clock=tower_clock)
         )
         self.resolver = IdentityResolver(
             self.tower,

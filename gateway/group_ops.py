@@ -157,6 +157,7 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
     reply listed under "workers".
     """
     from gateway.audit import parse_limit
+    from gateway.openapi import OPENAPI_PATH, admin_openapi
     from gateway.ops import admin_guard
 
     app = web.Application()
@@ -342,6 +343,12 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
     app.router.add_post("/admin/revocations", admin(revocations))
     app.router.add_get("/admin/audit", admin(audit))
     app.router.add_get("/admin/workers", admin(workers))
+    document = admin_openapi(workers=True)
+
+    async def openapi(_request: web.Request) -> web.Response:
+        return _json(document)
+
+    app.router.add_get(OPENAPI_PATH, admin(openapi))
     app.router.add_post("/admin/explain", admin(first_answer))
     app.router.add_route(hdrs.METH_GET, "/admin/{tail:.*}", admin(first_answer))
     app.router.add_route(hdrs.METH_ANY, "/admin/{tail:.*}", admin(every_worker))

@@ -2,7 +2,8 @@
 
 `/admin/*` needs `Authorization: Bearer {admin.token}` (compared in constant
 time); with no admin token configured it does not exist (404). The cache
-endpoints are here; audit, config, explain and reload are in `gateway.admin`.
+endpoints are here; audit, config, explain and reload are in `gateway.admin`;
+`GET /admin/openapi.json` describes them all (`gateway.openapi`).
 Every admin action, and every refused admin request, is an audit event.
 """
 
@@ -19,6 +20,7 @@ from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.admin import add_admin_routes, admin_client, audited_webhook
+from gateway.openapi import OPENAPI_PATH, admin_openapi
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -161,4 +163,10 @@ def create_ops_app(gateway: Gateway) -> web.Application:
     app.router.add_delete("/admin/cache/{key_id}", admin(cache_drop))
     app.router.add_post("/admin/revocations", admin(audited_webhook(gateway)))
     add_admin_routes(app, gateway, admin)
+    document = admin_openapi()
+
+    async def openapi(_request: web.Request) -> web.Response:
+        return _json(document)
+
+    app.router.add_get(OPENAPI_PATH, admin(openapi))
     return app

@@ -35,6 +35,7 @@ from tests.conftest import (
     Harness,
     quiet_server,
 )
+from tests.conftest import until as shared_until
 from tests.test_ops import sample
 from tests.test_workers import START_TIMEOUT, StartGroup, free_port, until, write_config
 from tests.test_workers import start_group as start_group  # a fixture, shared
@@ -210,11 +211,13 @@ async def test_a_request_finishes_on_the_config_it_started_with(
     h = file_gateway.harness
     file_gateway.write(admin_require=[])
     await file_gateway.reload()
-    h.tower.delay = 0.4  # the request is inside its tower call when the reload lands
+    h.tower.gate = asyncio.Event()  # the request is inside its tower call when the reload lands
+    calls = len(h.tower.calls)
     in_flight = asyncio.create_task(h.client.get("/admin/x", headers=GOOD))
-    await asyncio.sleep(0.15)
+    await shared_until(lambda: len(h.tower.calls) > calls, what="the request's tower call")
     file_gateway.write(admin_require=["admin:write"])
     assert (await file_gateway.reload())["changed"] == ["routes"]
+    h.tower.gate.set()
     assert (await in_flight).status == 200  # all of the old config, not the new require
     assert await status_of(h) == 403
 
