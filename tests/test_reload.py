@@ -254,7 +254,7 @@ async def test_effective_config_redacts_every_secret(
     file_gateway.write(
         admin_require=[],
         admin={"webhook_secret": "webhook-secret-0123456789"},
-        cache={"fingerprint_secret": "fingerprint-secret-0123456789"},
+        cache={"fingerprint_secret": "fingerprint-secret-0123456789-abcdef"},
         redis={"url": "redis://user:redis-password-123@127.0.0.1:6390/0?password=q-secret-9"},
     )
     await file_gateway.reload()  # redis and cache are restart-only: read the file directly too
@@ -298,8 +298,8 @@ def test_merge_takes_live_keys_and_names_the_rest(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(changed))
     loaded = load_config(path, env=ENV)
     effective, live, restart = merge(running, loaded)
-    assert live == ("routes", "websocket", "log.level")
-    assert restart == ("tower.timeout", "jwt.ttl", "log.access")
+    assert live == ("routes", "jwt", "websocket", "log.level")
+    assert restart == ("tower.timeout", "log.access")
     assert effective.routes == loaded.routes and effective.websocket == loaded.websocket
     assert effective.log.level == "DEBUG" and effective.log.access is False
     assert effective.tower == running.tower
