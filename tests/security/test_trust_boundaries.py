@@ -35,6 +35,7 @@ pytestmark = pytest.mark.redis
 
 ADMIN_KEY = "admin-key-for-the-fleet"
 ATTACKER_KEY = "attacker-chosen-key-01"
+COUNTED = 'tower_gateway_redis_errors_total{{op="{}"}}'
 NO_FP = {k: v for k, v in ENV.items() if k != "GATEWAY_FINGERPRINT_SECRET"}
 
 
@@ -68,7 +69,10 @@ def test_with_redis_the_fingerprint_secret_is_required_and_long() -> None:
     assert short.value.path == "cache.fingerprint_secret"
     with pytest.raises(ConfigError) as previous:
         parse_config(
-            {**base, "cache": {"fingerprint_secret": "n" * 32, "previous_fingerprint_secrets": ["o"]}},
+            {
+                **base,
+                "cache": {"fingerprint_secret": "n" * 32, "previous_fingerprint_secrets": ["o"]},
+            },
             env=NO_FP,
         )
     assert previous.value.path == "cache.previous_fingerprint_secrets[0]"
@@ -146,7 +150,13 @@ async def test_an_entry_breaking_the_tower_field_rules_is_not_read(
     # character and an out-of-range expiry are refused as a tower answer would be.
     for answer in (
         {"valid": True, "key_id": "k-admin", "user_id": "root", "role": "admin\n"},
-        {"valid": True, "key_id": "k-admin", "user_id": "root", "role": "admin", "expires_at": 1e13},
+        {
+            "valid": True,
+            "key_id": "k-admin",
+            "user_id": "root",
+            "role": "admin",
+            "expires_at": 1e13,
+        },
     ):
         payload = {"stale_until": time.time() + 600, "answer": answer}
         value = cache._encode(where, time.time() + 300, 1, payload)
@@ -175,7 +185,7 @@ async def test_rotation_accepts_the_previous_secret(
         assert response.status == 200
         await eventually(lambda other=other: not cached(other, ADMIN_KEY))  # type: ignore[misc]
     for h in (a, b):
-        assert metric(await h.metrics(), 'tower_gateway_redis_errors_total{op="revocation_signature"}') == 0
+        assert metric(await h.metrics(), COUNTED.format("revocation_signature")) == 0
 
 
 # --------------------------------------------------------------------------- 2: revocations
@@ -213,7 +223,9 @@ async def test_an_old_signed_entry_written_back_does_not_bring_a_revoked_key_bac
         assert (await get(replica, ADMIN_KEY))[0] == 401
 
 
-async def hammer(harness: Harness, key: str, until: asyncio.Event, seen: list[tuple[float, int]]) -> None:
+async def hammer(
+    harness: Harness, key: str, until: asyncio.Event, seen: list[tuple[float, int]]
+) -> None:
     while not until.is_set():
         started = time.monotonic()
         response = await harness.client.get("/data", headers={"X-API-Key": key})
@@ -243,7 +255,10 @@ async def test_a_revocation_under_load_wins_on_every_replica(
         load = [asyncio.create_task(hammer(a, key, stop, seen_a)) for _ in range(16)]
         load += [asyncio.create_task(hammer(b, key, stop, seen_b)) for _ in range(4)]
         try:
-            await eventually(lambda: len(seen_a) > 20 and len(seen_b) > 5, timeout=5.0)
+            await eventually(
+                lambda a_=seen_a, b_=seen_b: len(a_) > 20 and len(b_) > 5,  # type: ignore[misc]
+                timeout=5.0,
+            )
             a.tower.keys[key] = {"valid": False, "reason": "revoked"}
             if via == "webhook":
                 from tests.test_replicas import signed
@@ -283,7 +298,7 @@ async def test_unsigned_or_replayed_revocations_are_ignored_and_counted(
     body = json.dumps({"origin": "x", "id": "1", "ts": time.time(), "at": 0, "all": True})
     guessed = hmac.new(TOWER_API_KEY.encode(), body.encode(), hashlib.sha256).hexdigest()
     await redis_client.publish(channel, f"{guessed}|{body}")
-    counted = 'tower_gateway_redis_errors_total{op="revocation_signature"}'
+    counted = COUNTED.format("revocation_signature")
     await eventually(lambda: b.gateway.replicas.bus.rejected == 2)  # type: ignore[union-attr]
     assert cached(b, ADMIN_KEY) and cached(a, ADMIN_KEY)
     assert metric(await b.metrics(), counted) == 2
@@ -306,7 +321,7 @@ async def test_unsigned_or_replayed_revocations_are_ignored_and_counted(
     await redis_client.publish(channel, captured)
     await eventually(lambda: b.gateway.replicas.bus.rejected == 3)  # type: ignore[union-attr]
     assert cached(b, ADMIN_KEY)
-    assert metric(await b.metrics(), 'tower_gateway_redis_errors_total{op="revocation_replay"}') == 1
+    assert metric(await b.metrics(), COUNTED.format("revocation_replay")) == 1
 
 
 # --------------------------------------------------------------------------- 6: rate limits
