@@ -23,12 +23,21 @@ from prometheus_client import CollectorRegistry
 from gateway.app import Gateway
 from gateway.config import MIN_FINGERPRINT_SECRET, parse_config, parse_config_text
 from gateway.errors import ConfigError
-from gateway.identity import derive_secret
+from gateway.identity import Fingerprinter, derive_secret
 from gateway.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from tests.conftest import ENV, TOWER_API_KEY, GatewayFactory, Harness
 from tests.redis_support import RedisServer
 from tests.test_config import check_config
-from tests.test_replicas import PREFIX, cached, digest, eventually, get, metric, replicas
+from tests.test_replicas import (
+    PREFIX,
+    cached,
+    digest,
+    eventually,
+    get,
+    metric,
+    replicas,
+    signed,
+)
 from tests.test_tokens import write_key
 
 pytestmark = pytest.mark.redis
@@ -108,8 +117,6 @@ def test_without_a_configured_secret_nothing_public_keys_the_cache(
 
 
 def _digest_with(secret: bytes, api_key: str) -> bytes:
-    from gateway.identity import Fingerprinter
-
     return Fingerprinter(secret).digest(api_key)
 
 
@@ -261,8 +268,6 @@ async def test_a_revocation_under_load_wins_on_every_replica(
             )
             a.tower.keys[key] = {"valid": False, "reason": "revoked"}
             if via == "webhook":
-                from tests.test_replicas import signed
-
                 body = json.dumps({"key_ids": [key_id]}).encode()
                 response = await a.ops.post(
                     "/admin/revocations", data=body, headers=signed(body, secret=webhook_secret)
