@@ -41,6 +41,7 @@ SECRET_KEYS: Final = frozenset(
         "admin.token",
         "admin.webhook_secret",
         "cache.fingerprint_secret",
+        "cache.previous_fingerprint_secrets",
     }
 )
 _SECRET_NAME: Final = re.compile(r"secret|token|password|api_key|credential", re.IGNORECASE)

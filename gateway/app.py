@@ -59,7 +59,7 @@ from gateway.ratelimit import (
 from gateway.reload import Reloader
 from gateway.routes import Route, RouteTable, normalise_path
 from gateway.shared import LOCK_MARGIN, Replicas, redis_client
-from gateway.tokens import SigningKey, TokenMinter, load_signing_key
+from gateway.tokens import SigningKey, TokenMinter, load_signing_key, private_material
 from gateway.tower import Tower
 from gateway.websocket import SocketRegistry
 
@@ -195,7 +195,9 @@ class Gateway:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.signing_key: SigningKey = load_signing_key(config.jwt)
-        self.fingerprinter = Fingerprinter(self._fingerprint_secret())
+        # Computed once: a signing key rotated by a reload does not re-key the caches.
+        self._fp_secret = self._fingerprint_secret()
+        self.fingerprinter = Fingerprinter(self._fp_secret)
         self.tower: Tower = (
             tower
             if tower is not None
@@ -228,18 +230,20 @@ class Gateway:
         self.failures = FailureThrottle()
 
     def _fingerprint_secret(self) -> bytes:
+        """The keyed-hash secret of cache keys and fingerprints. Configured (required with
+        Redis, where it also keys what replicas share), or derived from the private signing
+        material: never from anything the gateway publishes (the JWKS, the kid)."""
         if self.config.cache.fingerprint_secret:
             return self.config.cache.fingerprint_secret.encode()
-        key = self.signing_key.key
-        material = (
-            key
-            if isinstance(key, bytes)
-            else json.dumps(self.signing_key.public_jwk, sort_keys=True).encode()
-            + self.signing_key.kid.encode()
-        )
-        # Derived, so every replica with the same signing key agrees on cache
-        # keys and fingerprints without one more secret to distribute.
-        return derive_secret(material, "fingerprint")
+        return derive_secret(private_material(self.signing_key), "fingerprint")
+
+    def _shared_secrets(self) -> list[bytes]:
+        """The keys of what replicas share: the current secret first (it signs), then the
+        previous ones, still accepted while a rotation rolls out."""
+        cache = self.config.cache
+        secrets = [self._fp_secret]
+        secrets += [s.encode() for s in cache.previous_fingerprint_secrets]
+        return [derive_secret(s, "shared-cache") for s in secrets]
 
     def _stats(self) -> tuple[CacheStats, int, int, int, int]:
         positive, negative = self.resolver.entry_counts()
@@ -258,7 +262,7 @@ class Gateway:
                 self._redis,
                 prefix=self.config.redis.key_prefix,
                 config=self.config.cache,
-                secret=derive_secret(self._fingerprint_secret(), "shared-cache"),
+                keys=self._shared_secrets(),
                 # One tower call (all its retries) plus a margin.
                 lock_ttl=(tower.budget or tower.timeout) + LOCK_MARGIN,
                 forget=self.forget_locally,
@@ -319,6 +323,11 @@ class Gateway:
         from gateway.ops import create_ops_app
 
         return create_ops_app(self)
+
+    def rotate_signing_key(self, key: SigningKey, config: Config) -> None:
+        """Sign new tokens with `key` at once (a reload found a new key file or secret)."""
+        self.signing_key = key
+        self.minter.rotate(key, config.jwt)
 
     def apply_config(self, config: Config) -> None:
         """Swap in a reloaded config (`gateway.reload`): one assignment, so a request that

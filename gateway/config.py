@@ -12,6 +12,7 @@ import ipaddress
 import math
 import os
 import re
+import secrets
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ T = TypeVar("T")
 JWT_ALGORITHMS: Final = ("HS256", "RS256", "ES256", "EdDSA")
 CREDENTIAL_SOURCES: Final = ("x-api-key", "authorization")
 MIN_HMAC_SECRET: Final = 32
+MIN_FINGERPRINT_SECRET: Final = 32
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -170,9 +172,13 @@ class CacheConfig:
     negative_ttl: float = _check(_non_negative, 30.0)
     max_entries: int = _check(_positive, 100_000)
     stale_if_error: float = _check(_non_negative, 300.0)
-    # Keyed-hash secret for cache keys and key fingerprints; derived from the
-    # JWT signing material when unset, so replicas agree without extra config.
+    # Keyed-hash secret for cache keys and key fingerprints, and the key of everything replicas
+    # share through Redis (entries, revocation messages): required with redis.url (or
+    # GATEWAY_FINGERPRINT_SECRET), at least MIN_FINGERPRINT_SECRET characters. Without Redis it
+    # may be unset: it is then derived from the private signing material, never a public one.
     fingerprint_secret: str | None = None
+    # Secrets accepted besides fingerprint_secret while a new one rolls out (README, Redis).
+    previous_fingerprint_secrets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,10 +326,21 @@ class Config:
 # --------------------------------------------------------------------------- expansion
 
 
-_PLACEHOLDER: Final = re.compile(r"__tower_gateway_env_(\d+)__")
+@dataclass(frozen=True, slots=True)
+class _Refs:
+    """The `${...}` references of one text and the placeholder spelling that stands for them.
+
+    The spelling carries a random tag that the text itself does not contain, so no literal
+    config text can stand for a reference (and pull an environment value in) or name one
+    that does not exist.
+    """
+
+    pattern: re.Pattern[str]
+    values: tuple[str, ...]
+    marker: str
 
 
-def _protect(text: str) -> tuple[str, list[str]]:
+def _protect(text: str) -> tuple[str, _Refs | None]:
     """Swap each `${...}` for a YAML-safe placeholder before parsing.
 
     `admin: {token: ${TOKEN}}` is not valid YAML (the braces), yet the
@@ -332,16 +349,23 @@ def _protect(text: str) -> tuple[str, list[str]]:
     characters never meet the YAML parser. References in comments vanish with
     the comments and are never looked up.
     """
+    if "${" not in text:
+        return text, None
+    marker = "__tower_gateway_env_" + secrets.token_hex(8)
+    while marker in text:  # pragma: no cover - a 64-bit random tag already in the text
+        marker = "__tower_gateway_env_" + secrets.token_hex(8)
     refs: list[str] = []
 
     def swap(match: re.Match[str]) -> str:
         refs.append(match.group(0))
-        return f"__tower_gateway_env_{len(refs) - 1}__"
+        return f"{marker}_{len(refs) - 1}__"
 
-    return _ENV_REF.sub(swap, text), refs
+    protected = _ENV_REF.sub(swap, text)
+    pattern = re.compile(re.escape(marker) + r"_(\d+)__")
+    return protected, _Refs(pattern, tuple(refs), marker)
 
 
-def _expand(node: Any, path: str, env: Mapping[str, str], refs: list[str] | None = None) -> Any:
+def _expand(node: Any, path: str, env: Mapping[str, str], refs: _Refs | None = None) -> Any:
     if isinstance(node, dict):
         return {
             _expand(k, path, env, refs): _expand(v, _join(path, str(k)), env, refs)
@@ -351,8 +375,9 @@ def _expand(node: Any, path: str, env: Mapping[str, str], refs: list[str] | None
         return [_expand(v, f"{path}[{i}]", env, refs) for i, v in enumerate(node)]
     if not isinstance(node, str):
         return node
-    if refs and "__tower_gateway_env_" in node:
-        node = _PLACEHOLDER.sub(lambda m: refs[int(m.group(1))], node)
+    if refs is not None and refs.marker in node:
+        values = refs.values
+        node = refs.pattern.sub(lambda m: values[int(m.group(1))], node)
     if "${" not in node:
         return node
 
@@ -598,13 +623,40 @@ def _finish(cfg: Config, env: Mapping[str, str], base: Path) -> Config:
 
     if cfg.rate_limit.backend == "redis" and not cfg.redis.url:
         raise ConfigError("rate_limit.backend", "redis needs redis.url")
+    cache = _fingerprint_secrets(cfg, env)
 
     log = _replace(
         cfg.log,
         file=_log_path(cfg.log.file, "log.file", base),
         audit=_log_path(cfg.log.audit, "log.audit", base),
     )
-    return _replace(cfg, tower=tower, jwt=jwt, admin=admin, routes=tuple(routes), log=log)
+    return _replace(
+        cfg, tower=tower, jwt=jwt, admin=admin, routes=tuple(routes), log=log, cache=cache
+    )
+
+
+def _fingerprint_secrets(cfg: Config, env: Mapping[str, str]) -> CacheConfig:
+    """With Redis, the fleet's shared secret is required: whoever can write to Redis must not be
+    able to sign an entry or a revocation, and nothing public may stand in for it."""
+    cache = cfg.cache
+    secret = _env_default(cache.fingerprint_secret, "GATEWAY_FINGERPRINT_SECRET", env) or None
+    need = f"at least {MIN_FINGERPRINT_SECRET} characters (e.g. `openssl rand -hex 32`)"
+    if secret is None:
+        if cfg.redis.url:
+            raise ConfigError(
+                "cache.fingerprint_secret",
+                f"is required with redis.url (set it or GATEWAY_FINGERPRINT_SECRET): {need}",
+            )
+    elif len(secret) < MIN_FINGERPRINT_SECRET:
+        raise ConfigError("cache.fingerprint_secret", f"must be {need}")
+    for i, previous in enumerate(cache.previous_fingerprint_secrets):
+        if len(previous) < MIN_FINGERPRINT_SECRET:
+            raise ConfigError(f"cache.previous_fingerprint_secrets[{i}]", f"must be {need}")
+    if cache.previous_fingerprint_secrets and secret is None:
+        raise ConfigError(
+            "cache.previous_fingerprint_secrets", "needs cache.fingerprint_secret (the new one)"
+        )
+    return _replace(cache, fingerprint_secret=secret)
 
 
 LOG_STREAMS: Final = ("stdout", "stderr")
@@ -645,7 +697,7 @@ def parse_config(
     env: Mapping[str, str] | None = None,
     base: Path | None = None,
     source: str = "<dict>",
-    refs: list[str] | None = None,
+    refs: _Refs | None = None,
 ) -> Config:
     """Build a `Config` from already-parsed YAML (tests use plain dicts)."""
     env = os.environ if env is None else env

@@ -7,9 +7,12 @@ them, so it sees all of the old config or all of the new, never a mix.
 
 Live (applied at once): `routes`, `roles`, `capabilities`, `credentials`,
 `websocket`, `server.trusted_proxies`, `rate_limit.default_per_minute`,
-`log.level`. Everything else needs a restart: the listeners (`server.*`,
+`log.level`, and `jwt` with the signing key: the key file (or secret) is read on
+every reload, so a replaced file is a new key for new tokens at once, the old
+public key stays in the JWKS for one token lifetime and tokens it signed are no
+longer reused. Everything else needs a restart: the listeners (`server.*`,
 `ops`), the clients and caches built at start (`tower`, `cache`, `redis`,
-`rate_limit.backend`/`burst`), the signing key (`jwt`), the log sinks and
+`rate_limit.backend`/`burst`), the log sinks and
 `admin` (with `--workers`, the supervisor talks to its workers with the token
 they all started with). A reload that changes one of those applies the live
 keys, keeps the running values of the others and says which need a restart.
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
+from gateway.tokens import load_signing_key, same_key
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -43,6 +47,7 @@ LIVE_KEYS: Final = frozenset(
         "server.trusted_proxies",
         "rate_limit.default_per_minute",
         "log.level",
+        "jwt",
     }
 )
 
@@ -145,8 +150,15 @@ class Reloader:
                 raise ConfigError("", "the running config was not loaded from a file")
             loaded = load_config(self.path)
             effective, changed, restart = merge(gateway.components.config, loaded)
+            # The key file's contents, not only its name: a replaced file is a new key.
+            key = load_signing_key(effective.jwt)
+            new_key = not same_key(key, gateway.signing_key)
+            if new_key and "jwt" not in changed:
+                changed += ("jwt",)
             if changed:
                 gateway.apply_config(effective)
+            if new_key or "jwt" in changed:
+                gateway.rotate_signing_key(key, effective)
         except ConfigError as exc:
             result = ReloadResult(False, source, trigger, error=str(exc), error_path=exc.path)
             self._failed(result, client)

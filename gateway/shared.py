@@ -6,15 +6,22 @@ makes a replica behave as if there were no Redis (its own cache, the tower, loca
 is counted in `tower_gateway_redis_errors_total{op}`, and is logged at most once every
 LOG_INTERVAL seconds. Redis keys, all under `redis.key_prefix`:
 
-    id:<digest hex>    one shared answer, "<fresh_until ms>|<mac hex>|<json>"; expires at the
-                       entry's stale_until (never past the key's expires_at), or after
-                       cache.negative_ttl for a refusal. The digest is the keyed hash the local
-                       cache uses, never the key.
+    id:<digest hex>    one shared answer, "<fresh_until ms>|<fetched ms>|<mac hex>|<json>";
+                       expires at the entry's stale_until (never past the key's expires_at), or
+                       after cache.negative_ttl for a refusal. The digest is the keyed hash the
+                       local cache uses, never the key; <fetched ms> is Redis's clock when the
+                       tower call began; the MAC covers all of it and the digest.
     lock:<digest hex>  the replica calling the tower for that digest (SET NX PX, random token)
     kid:<key_id>       the digests cached for a key_id, so a revocation can find them
-    revoked:<key_id>   a tombstone as long as a tower call: answers fetched before the
-    revoked-all        revocation are not shared after it
-    revocations        the pub/sub channel: {"origin": replica, "key_ids": [...]} or "all"
+    revoked:<key_id>   the revocation's time (Redis's clock, ms), kept as long as any entry
+    revoked-all        fetched before it could live: such entries are never read, nor stored
+    revocations        the pub/sub channel: "<macs>|<json>", the JSON {"origin", "id", "ts",
+                       "at", "key_ids": [...] or "all": true}, signed with the shared secret
+
+Trust: whoever can write to Redis but holds none of the gateway's secrets can delete entries
+(more tower calls) and block sharing, but cannot forge an entry, move one to another key,
+bring back an entry revoked on a replica that heard the revocation, or send a revocation.
+Replicas remember the revocations they heard, so deleting the marker does not help either.
 
 The tower's revocation webhook (`POST /admin/revocations`) is verified here as well.
 """
@@ -35,7 +42,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from types import MappingProxyType
 from typing import Any, Final
 
 import redis.asyncio
@@ -48,7 +54,7 @@ from redis.exceptions import RedisError
 from gateway.config import CacheConfig
 from gateway.errors import TowerFault
 from gateway.identity import Fetch, SharedEntry, entry_bounds
-from gateway.tower import REJECTION_REASONS, Identity, Rejection
+from gateway.tower import REJECTION_REASONS, Identity, Rejection, parse_answer
 
 log = logging.getLogger("tower_gateway.shared")
 
@@ -80,27 +86,66 @@ TIMESTAMP_HEADER: Final = "X-Signature-Timestamp"
 _TIMESTAMP: Final = re.compile(r"[0-9]{1,12}")
 _GLOB_SPECIAL: Final = re.compile(r"([*?\[\]\\])")
 
-# Claim a digest in one atomic round trip. KEYS: entry, lock. ARGV: lock token, lock ttl (ms),
-# the caller's now (ms). Returns {1, entry} for a fresh entry; otherwise tries the lock and
-# returns {2, entry or nil} when the caller now holds it, {0, entry or nil} when another does.
-# A stale entry comes back too: it may still be served if the tower fails.
-_CLAIM_LUA: Final = """
-local entry = redis.call('GET', KEYS[1])
-if entry then
-  local fresh = tonumber(string.match(entry, '^(%d+)|'))
-  if fresh and fresh > tonumber(ARGV[3]) then return {1, entry} end
+# Redis's clock in ms: revocation markers and the fetch times of entries compare on one clock.
+_NOW_LUA: Final = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, entry} end
-return {0, entry}
 """
 
+# Claim a digest in one atomic round trip. KEYS: entry, lock, revoked-all. ARGV: lock token,
+# lock ttl (ms), the caller's now (ms), the prefix of revocation markers. Returns {1, entry,
+# time} for a fresh entry; otherwise tries the lock and returns {2, entry or nil, time} when the
+# caller now holds it, {0, entry or nil, time} when another does. A stale entry comes back too:
+# it may still be served if the tower fails. An entry fetched before a revocation marker of its
+# key_id (or of all) reads as absent. `time` (Redis's, ms) is the fetch time of what the caller
+# may store next. The caller still checks the MAC (and reads a malformed entry, to count it): a
+# forged key_id here only hides the entry.
+_CLAIM_LUA: Final = (
+    _NOW_LUA
+    + """
+local entry = redis.call('GET', KEYS[1])
+local now = now_ms()
+if entry then
+  local fetched, body = string.match(entry, '^%d+|(%d+)|[^|]*|(.*)$')
+  fetched = tonumber(fetched)
+  local revoked = false
+  if fetched then
+    local all = tonumber(redis.call('GET', KEYS[3]) or '')
+    revoked = all ~= nil and all >= fetched
+  end
+  if fetched and not revoked then
+    local ok, data = pcall(cjson.decode, body)
+    if ok and type(data) == 'table' and type(data.answer) == 'table'
+        and type(data.answer.key_id) == 'string' then
+      local at = tonumber(redis.call('GET', ARGV[4] .. data.answer.key_id) or '')
+      revoked = at ~= nil and at >= fetched
+    end
+  end
+  if revoked then
+    entry = false
+  else
+    local fresh = tonumber(string.match(entry, '^(%d+)|'))
+    if fresh and fresh > tonumber(ARGV[3]) then return {1, entry, now} end
+  end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, entry, now} end
+return {0, entry, now}
+"""
+)
+
 # Store an answer and release the lock. KEYS: entry, lock, revoked-all[, kid set, revoked:kid].
-# ARGV: value, ttl (ms), lock token, digest hex. A tombstone means a revocation happened while
-# this answer was being fetched: it is not shared. The kid set lives as long as its longest
-# entry.
+# ARGV: value, ttl (ms), lock token, digest hex, fetch time (Redis ms). A revocation marker at or
+# after the fetch time means a revocation happened while this answer was being fetched: it is
+# not shared. The kid set lives as long as its longest entry.
 _PUT_LUA: Final = """
+local function after(key)
+  local at = tonumber(redis.call('GET', key) or '')
+  return at ~= nil and at >= tonumber(ARGV[5])
+end
 local stored = 0
-if redis.call('EXISTS', KEYS[3]) == 0 and (#KEYS < 5 or redis.call('EXISTS', KEYS[5]) == 0) then
+if not after(KEYS[3]) and (#KEYS < 5 or not after(KEYS[5])) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   if #KEYS == 5 then
     redis.call('SADD', KEYS[4], ARGV[4])
@@ -114,6 +159,21 @@ if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
 return stored
 """
 
+# Mark revocations, now by Redis's clock (never moved back), for ARGV[1] ms. KEYS: the markers.
+# Returns the time written.
+_MARK_LUA: Final = (
+    _NOW_LUA
+    + """
+local now = now_ms()
+for _, key in ipairs(KEYS) do
+  local at = tonumber(redis.call('GET', key) or '')
+  if at == nil or at < now then at = now end
+  redis.call('SET', key, at, 'PX', ARGV[1])
+end
+return now
+"""
+)
+
 # Compare-and-delete: the token makes sure a replica whose lock expired (a slow tower call)
 # never releases the lock another replica has taken since.
 _RELEASE_LUA: Final = """
@@ -123,6 +183,52 @@ return 0
 
 _FRESH: Final = 1
 _LEAD: Final = 2
+# Revocation markers outlive every entry fetched before them by this much more (clock skew
+# between replicas, which judge an entry's stale_until by their own clocks).
+MARKER_MARGIN: Final = 60.0
+# Revocations a replica remembers (key_ids), oldest forgotten first beyond this.
+MAX_REMEMBERED: Final = 100_000
+# A revocation message older than this (by its sender's clock), or seen before, is ignored.
+MESSAGE_MAX_AGE: Final = 300.0
+
+
+def marker_ttl(config: CacheConfig, lock_ttl: float) -> float:
+    """How long a revocation must be remembered: longer than any entry fetched before it can
+    live (one tower call, then ttl and stale_if_error), plus a margin for clock skew."""
+    return lock_ttl + config.ttl + config.stale_if_error + MARKER_MARGIN
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"|".join(parts), hashlib.sha256).hexdigest().encode()
+
+
+class Revocations:
+    """The revocations this replica heard (its own and other replicas'), by Redis's clock: an
+    entry fetched at or before one is never read, whatever Redis holds (its marker deleted by
+    someone who can write to Redis, an old signed entry written back)."""
+
+    def __init__(self, keep: float, max_entries: int = MAX_REMEMBERED) -> None:
+        self._keep_ms = math.ceil(keep * 1000)
+        self._max = max_entries
+        self._at: dict[str, int] = {}
+        self._all = -1
+        self._newest = 0
+
+    def note(self, key_ids: Sequence[str] | None, at_ms: int) -> None:
+        self._newest = max(self._newest, at_ms)
+        if key_ids is None:
+            self._all = max(self._all, at_ms)
+        else:
+            for key_id in key_ids:
+                self._at[key_id] = max(self._at.pop(key_id, -1), at_ms)
+        horizon = self._newest - self._keep_ms
+        while self._at and (len(self._at) > self._max or next(iter(self._at.values())) < horizon):
+            del self._at[next(iter(self._at))]
+
+    def revoked(self, key_id: str | None, fetched_ms: int) -> bool:
+        if self._all >= fetched_ms:
+            return True
+        return key_id is not None and self._at.get(key_id, -1) >= fetched_ms
 
 
 def redis_client(url: str) -> redis.asyncio.Redis:
@@ -199,7 +305,8 @@ class SharedIdentityCache:
     appears, the lock is freed (its call failed: the next one takes over) or the lock's time
     is up, when they call the tower themselves rather than wait on a replica that may be gone.
     Entries carry an HMAC bound to their digest, so write access to Redis alone can neither
-    forge an identity nor move one to another key.
+    forge an identity nor move one to another key; they are read with the field rules of a
+    tower answer, and never when fetched before a revocation of their key_id.
     """
 
     def __init__(
@@ -208,23 +315,28 @@ class SharedIdentityCache:
         *,
         prefix: str,
         config: CacheConfig,
-        secret: bytes,
+        keys: Sequence[bytes],
         lock_ttl: float,
         faults: RedisFaults,
+        revocations: Revocations | None = None,
         clock: Callable[[], float] = time.time,
         poll_interval: float = POLL_INTERVAL,
     ) -> None:
         self._client = client
         self._prefix = prefix
         self._config = config
-        self._secret = secret
+        # The first key signs; all are accepted (the previous ones while a rotation rolls out).
+        self._keys = tuple(keys)
         self._lock_ttl = lock_ttl
+        self.marker_ttl = marker_ttl(config, lock_ttl)
+        self.revocations = revocations or Revocations(self.marker_ttl)
         self._faults = faults
         self._clock = clock
         self._poll = poll_interval
         self._claim = client.register_script(_CLAIM_LUA)
         self._put_script = client.register_script(_PUT_LUA)
         self._release = client.register_script(_RELEASE_LUA)
+        self._mark = client.register_script(_MARK_LUA)
         self.stats = SharedStats()
 
     # ------------------------------------------------------------------ lookups
@@ -237,10 +349,13 @@ class SharedIdentityCache:
         holder: str | None = None
         stale: SharedEntry | None = None
         shared_ok = True
+        fetched_ms: int | None = None
         deadline = time.monotonic() + self._lock_ttl
         try:
             while True:
-                state, raw = await self._claim_once(hexdigest, token)
+                state, raw, now_ms = await self._claim_once(hexdigest, token)
+                # The earliest time before the fetch: a revocation after it wins.
+                fetched_ms = now_ms if fetched_ms is None else fetched_ms
                 entry = self._decode(digest, raw) if raw is not None else None
                 if state == _FRESH:
                     if entry is not None and not _expired(entry, self._clock()):
@@ -268,19 +383,23 @@ class SharedIdentityCache:
             if stale is not None and self._clock() < stale.stale_until:
                 return replace(stale, fault=fault)
             raise
-        if shared_ok:
-            await self._put(digest, answer, holder)
+        if shared_ok and fetched_ms is not None:
+            await self._put(digest, answer, holder, fetched_ms)
         return answer
 
-    async def _claim_once(self, hexdigest: str, token: str) -> tuple[int, bytes | None]:
+    async def _claim_once(self, hexdigest: str, token: str) -> tuple[int, bytes | None, int]:
         now_ms = math.floor(self._clock() * 1000)
         async with asyncio.timeout(OP_TIMEOUT):
             reply = await self._claim(
-                keys=[self._key("id:", hexdigest), self._key("lock:", hexdigest)],
-                args=[token, math.ceil(self._lock_ttl * 1000), now_ms],
+                keys=[
+                    self._key("id:", hexdigest),
+                    self._key("lock:", hexdigest),
+                    self._key("revoked-all"),
+                ],
+                args=[token, math.ceil(self._lock_ttl * 1000), now_ms, self._key("revoked:")],
             )
-        state, raw = int(reply[0]), reply[1] if len(reply) > 1 else None
-        return state, raw if isinstance(raw, bytes) else None
+        state, raw, redis_ms = int(reply[0]), reply[1], int(reply[2])
+        return state, raw if isinstance(raw, bytes) else None, redis_ms
 
     async def _unlock(self, hexdigest: str, token: str) -> None:
         try:
@@ -291,7 +410,9 @@ class SharedIdentityCache:
 
     # ------------------------------------------------------------------ writes
 
-    async def _put(self, digest: bytes, answer: Identity | Rejection, token: str | None) -> None:
+    async def _put(
+        self, digest: bytes, answer: Identity | Rejection, token: str | None, fetched_ms: int
+    ) -> None:
         now = self._clock()
         hexdigest = digest.hex()
         keys = [
@@ -302,15 +423,15 @@ class SharedIdentityCache:
         payload: dict[str, Any]
         if isinstance(answer, Rejection):
             fresh_until = stale_until = now + self._config.negative_ttl
-            payload = {"reason": answer.reason}
+            payload = {"answer": {"valid": False, "reason": answer.reason}}
         else:
             fresh_until, stale_until = entry_bounds(answer, now, self._config)
-            payload = {"stale_until": stale_until, "identity": _identity_json(answer)}
+            payload = {"stale_until": stale_until, "answer": _answer_json(answer)}
             keys += [self._key("kid:", answer.key_id), self._key("revoked:", answer.key_id)]
         value: bytes | None = None
         if stale_until > now:
             try:
-                value = self._encode(digest, fresh_until, payload)
+                value = self._encode(digest, fresh_until, fetched_ms, payload)
             except (TypeError, ValueError) as exc:  # metadata JSON cannot carry: not shared
                 self._faults.record("encode", exc, pause=False)
         try:
@@ -318,7 +439,7 @@ class SharedIdentityCache:
                 if value is not None:
                     ttl_ms = max(1, math.ceil((stale_until - now) * 1000))
                     stored = await self._put_script(
-                        keys=keys, args=[value, ttl_ms, token or "", hexdigest]
+                        keys=keys, args=[value, ttl_ms, token or "", hexdigest, fetched_ms]
                     )
                     self.stats.writes += int(stored)
                 elif token is not None:
@@ -328,17 +449,19 @@ class SharedIdentityCache:
 
     # ------------------------------------------------------------------ revocation
 
-    async def forget(self, key_ids: Sequence[str] | None) -> None:
-        """Delete the shared entries of some key_ids (None: all). Raises on a Redis fault.
+    async def forget(self, key_ids: Sequence[str] | None) -> int:
+        """Mark some key_ids (None: all) revoked and delete their shared entries; returns the
+        revocation's time (Redis's clock, ms). Raises on a Redis fault.
 
-        The tombstones go first, so an answer being fetched right now is not shared after the
-        entries are gone.
+        The markers go first and outlive every entry fetched before them: an answer being
+        fetched right now is not shared, and an old entry written back is never read.
         """
-        tomb_ms = math.ceil(self._lock_ttl * 1000)
+        ttl_ms = math.ceil(self.marker_ttl * 1000)
         client = self._client
         if key_ids is None:
             async with asyncio.timeout(ADMIN_OP_TIMEOUT):
-                await client.set(self._key("revoked-all"), b"1", px=tomb_ms)
+                at = int(await self._mark(keys=[self._key("revoked-all")], args=[ttl_ms]))
+            self.revocations.note(None, at)
             for kind in ("id:", "kid:"):
                 pattern = _GLOB_SPECIAL.sub(r"\\\1", self._prefix + kind) + "*"
                 cursor = 0
@@ -349,68 +472,75 @@ class SharedIdentityCache:
                             await client.unlink(*names)
                     if cursor == 0:
                         break
-            return
-        if not key_ids:
-            return
+            return at
         async with asyncio.timeout(ADMIN_OP_TIMEOUT):
-            pipe = client.pipeline(transaction=True)
+            markers = [self._key("revoked:", key_id) for key_id in key_ids]
+            at = int(await self._mark(keys=markers, args=[ttl_ms]))
+            self.revocations.note(key_ids, at)
+            pipe = client.pipeline(transaction=False)
             for key_id in key_ids:
-                pipe.set(self._key("revoked:", key_id), b"1", px=tomb_ms)
                 pipe.smembers(self._key("kid:", key_id))
             replies = await pipe.execute()
         names = [self._key("kid:", key_id) for key_id in key_ids]
-        for members in replies[1::2]:
+        for members in replies:
             names += [self._key("id:", m.decode("ascii", "replace")) for m in members]
         async with asyncio.timeout(ADMIN_OP_TIMEOUT):
             await client.unlink(*names)
+        return at
 
     # ------------------------------------------------------------------ encoding
 
     def _key(self, kind: str, name: str = "") -> str:
         return f"{self._prefix}{kind}{name}"
 
-    def _mac(self, digest: bytes, fresh_ms: bytes, body: bytes) -> bytes:
-        # Bound to the digest: an entry copied under another key's digest fails the check.
-        message = digest + b"|" + fresh_ms + b"|" + body
-        return hmac.new(self._secret, message, hashlib.sha256).hexdigest().encode()
-
-    def _encode(self, digest: bytes, fresh_until: float, payload: dict[str, Any]) -> bytes:
+    def _encode(
+        self, digest: bytes, fresh_until: float, fetched_ms: int, payload: dict[str, Any]
+    ) -> bytes:
         body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
-        fresh_ms = str(math.floor(fresh_until * 1000)).encode()
-        return b"|".join((fresh_ms, self._mac(digest, fresh_ms, body), body))
+        fresh = str(math.floor(fresh_until * 1000)).encode()
+        fetched = str(fetched_ms).encode()
+        # Bound to the digest: an entry copied under another key's digest fails the check.
+        mac = _mac(self._keys[0], digest, fresh, fetched, body)
+        return b"|".join((fresh, fetched, mac, body))
 
     def _decode(self, digest: bytes, raw: bytes) -> SharedEntry | None:
         try:
-            fresh_ms, mac, body = raw.split(b"|", 2)
-            if not hmac.compare_digest(mac, self._mac(digest, fresh_ms, body)):
+            fresh, fetched, mac, body = raw.split(b"|", 3)
+            if not any(
+                hmac.compare_digest(mac, _mac(key, digest, fresh, fetched, body))
+                for key in self._keys
+            ):
                 raise ValueError("entry MAC does not match")
-            return _entry_from_json(json.loads(body), int(fresh_ms) / 1000)
-        except (ValueError, TypeError, KeyError, RecursionError) as exc:
+            entry = _entry_from_json(json.loads(body), int(fresh) / 1000, self._clock())
+        except (ValueError, TypeError, KeyError, RecursionError, TowerFault) as exc:
             self._faults.record("decode", exc, pause=False)
             return None
+        key_id = entry.answer.key_id if isinstance(entry.answer, Identity) else None
+        if self.revocations.revoked(key_id, int(fetched)):
+            return None  # fetched before a revocation heard here: whatever Redis says
+        return entry
 
 
 def _expired(entry: SharedEntry, now: float) -> bool:
     return isinstance(entry.answer, Identity) and entry.answer.expired(now)
 
 
-def _identity_json(identity: Identity) -> dict[str, Any]:
+def _answer_json(identity: Identity) -> dict[str, Any]:
+    """An identity as the tower's answer would carry it: read back with `parse_answer`."""
+    metadata = dict(identity.metadata)
+    if identity.team is not None:
+        metadata["team"] = identity.team
+    if identity.rate_limit is not None:
+        metadata["rate_limit"] = identity.rate_limit
     return {
+        "valid": True,
         "key_id": identity.key_id,
         "user_id": identity.user_id,
         "role": identity.role,
         "scopes": list(identity.scopes),
         "expires_at": identity.expires_at,
-        "team": identity.team,
-        "rate_limit": identity.rate_limit,
-        "metadata": dict(identity.metadata),
+        "metadata": metadata,
     }
-
-
-def _text(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise TypeError("expected a non-empty string")
-    return value
 
 
 def _number(value: object) -> float:
@@ -419,32 +549,22 @@ def _number(value: object) -> float:
     return float(value)
 
 
-def _entry_from_json(data: object, fresh_until: float) -> SharedEntry:
-    """The strict reading of a stored entry; anything unexpected raises (and is a miss)."""
+def _entry_from_json(data: object, fresh_until: float, now: float) -> SharedEntry:
+    """The strict reading of a stored entry: the answer by the same rules as a tower's
+    (`parse_answer`); anything unexpected raises (and is a miss)."""
     if not isinstance(data, dict):
         raise TypeError("entry is not an object")
-    if "reason" in data:
-        if data["reason"] not in REJECTION_REASONS:
-            raise ValueError("unknown refusal reason")
-        return SharedEntry(Rejection(data["reason"]), fresh_until, fresh_until)
-    raw = data["identity"]
+    raw = data["answer"]
     if not isinstance(raw, dict):
-        raise TypeError("identity is not an object")
-    scopes, metadata = raw["scopes"], raw["metadata"]
-    if not isinstance(scopes, list) or not isinstance(metadata, dict):
-        raise TypeError("scopes or metadata malformed")
-    expires_at, team = raw["expires_at"], raw["team"]
-    identity = Identity(
-        key_id=_text(raw["key_id"]),
-        user_id=_text(raw["user_id"]),
-        role=_text(raw["role"]),
-        scopes=tuple(_text(s) for s in scopes),
-        expires_at=None if expires_at is None else _number(expires_at),
-        team=None if team is None else _text(team),
-        rate_limit=raw["rate_limit"],
-        metadata=MappingProxyType(metadata),
-    )
-    return SharedEntry(identity, fresh_until, _number(data["stale_until"]))
+        raise TypeError("answer is not an object")
+    if raw.get("valid") is False:
+        if raw.get("reason") not in REJECTION_REASONS:
+            raise ValueError("unknown refusal reason")
+        return SharedEntry(Rejection(raw["reason"]), fresh_until, fresh_until)
+    answer = parse_answer(200, raw, now=now)
+    if isinstance(answer, Rejection):  # expired since it was stored
+        return SharedEntry(answer, fresh_until, fresh_until)
+    return SharedEntry(answer, fresh_until, _number(data["stale_until"]))
 
 
 # --------------------------------------------------------------------------- revocation bus
@@ -454,7 +574,13 @@ Forget = Callable[[Sequence[str] | None], object]
 
 
 class RevocationBus:
-    """Publishes revocations and applies every other replica's, from a background task.
+    """Publishes revocations and applies every replica's (its own too), from a background task.
+
+    Messages are signed with the shared secret (every configured one, so replicas still on the
+    previous secret accept them during a rotation), carry their sender's time and a random id:
+    an unsigned, badly signed, old or replayed message is ignored and counted
+    (`tower_gateway_redis_errors_total{op="revocation_signature"}`), so whoever can publish on
+    Redis cannot empty every replica's cache.
 
     Pub/sub keeps nothing for a subscriber that is away, so a replica that (re)subscribes may
     have missed revocations: it drops its whole local cache (`resync`) rather than serve an
@@ -471,6 +597,9 @@ class RevocationBus:
         apply: Forget,
         resync: Callable[[], object],
         faults: RedisFaults,
+        keys: Sequence[bytes],
+        revocations: Revocations,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
         self._channel = channel
@@ -478,6 +607,10 @@ class RevocationBus:
         self._apply = apply
         self._resync = resync
         self._faults = faults
+        self._keys = tuple(keys)
+        self._revocations = revocations
+        self._clock = clock
+        self._seen: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._confirmed = False
         self._missed = False
@@ -485,6 +618,7 @@ class RevocationBus:
         self.connected = False
         self.resyncs = 0
         self.received = 0
+        self.rejected = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -497,15 +631,56 @@ class RevocationBus:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def publish(self, key_ids: Sequence[str] | None) -> None:
-        """Tell every replica; raises on a Redis fault."""
-        message: dict[str, Any] = {"origin": self._origin}
+    async def publish(self, key_ids: Sequence[str] | None, at_ms: int) -> None:
+        """Tell every replica (this one too); raises on a Redis fault."""
+        message: dict[str, Any] = {
+            "origin": self._origin,
+            "id": secrets.token_hex(16),
+            "ts": self._clock(),
+            "at": at_ms,
+        }
         if key_ids is None:
             message["all"] = True
         else:
             message["key_ids"] = list(key_ids)
         async with asyncio.timeout(ADMIN_OP_TIMEOUT):
-            await self._client.publish(self._channel, json.dumps(message))
+            await self._client.publish(self._channel, self.sign(json.dumps(message).encode()))
+
+    def sign(self, body: bytes) -> bytes:
+        channel = self._channel.encode()
+        macs = b",".join(_mac(key, b"revocation", channel, body) for key in self._keys)
+        return macs + b"|" + body
+
+    def _verified(self, data: object) -> bytes | None:
+        """The body of a message signed with one of the shared secrets, else None."""
+        if isinstance(data, str):
+            data = data.encode()
+        if not isinstance(data, bytes) or b"|" not in data:
+            return None
+        macs, body = data.split(b"|", 1)
+        channel = self._channel.encode()
+        expected = [_mac(key, b"revocation", channel, body) for key in self._keys]
+        for mac in macs.split(b",")[: 2 * len(self._keys) + 2]:
+            if any(hmac.compare_digest(mac, e) for e in expected):
+                return body
+        return None
+
+    def _fresh(self, message: dict[str, Any]) -> bool:
+        """Not too old by its sender's clock, and not seen before (a replay)."""
+        ts, message_id = message.get("ts"), message.get("id")
+        now = self._clock()
+        if (
+            isinstance(ts, bool)
+            or not isinstance(ts, int | float)
+            or not isinstance(message_id, str)
+            or abs(now - ts) > MESSAGE_MAX_AGE
+            or message_id in self._seen
+        ):
+            return False
+        while self._seen and next(iter(self._seen.values())) < now - 2 * MESSAGE_MAX_AGE:
+            del self._seen[next(iter(self._seen))]
+        self._seen[message_id] = now
+        return True
 
     async def _run(self) -> None:
         while True:
@@ -563,24 +738,37 @@ class RevocationBus:
 
     def _received(self, data: object) -> None:
         self.received += 1
+        body = self._verified(data)
+        if body is None:
+            # Not from a replica: whoever can publish on Redis must not empty every cache.
+            self.rejected += 1
+            self._faults.record("revocation_signature", ValueError("unsigned"), pause=False)
+            return
         try:
-            message = json.loads(data) if isinstance(data, bytes | str) else None
+            message = json.loads(body)
             if not isinstance(message, dict):
                 raise TypeError("not an object")
-            if message.get("origin") == self._origin:
-                return  # applied here before it was published
+            if not self._fresh(message):
+                self.rejected += 1
+                self._faults.record("revocation_replay", ValueError("replayed"), pause=False)
+                return
             key_ids: list[str] | None = None
             if message.get("all") is not True:
                 key_ids = message.get("key_ids")
                 if not isinstance(key_ids, list) or not all(isinstance(k, str) for k in key_ids):
                     raise TypeError("key_ids is not a list of strings")
+            at = message.get("at")
+            if isinstance(at, int) and not isinstance(at, bool):
+                self._revocations.note(key_ids, at)
         except (TypeError, ValueError, RecursionError) as exc:
-            # An unreadable revocation still revokes something: drop the whole cache, as
-            # after missed messages.
+            # A signed but unreadable revocation still revokes something: drop the whole
+            # cache, as after missed messages.
             self._faults.record("decode", exc, pause=False)
             self._resync()
             return
         try:
+            # The origin's own message too: a request that re-read an entry between its local
+            # drop and the shared deletes is dropped again.
             self._apply(key_ids)
         except Exception:
             log.exception("applying a revocation failed")
@@ -599,7 +787,7 @@ class Replicas:
         *,
         prefix: str,
         config: CacheConfig,
-        secret: bytes,
+        keys: Sequence[bytes],
         lock_ttl: float,
         forget: Forget,
         drop_cache: Callable[[], object],
@@ -607,13 +795,15 @@ class Replicas:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
+        self._forget = forget
+        self._clock = clock
         self.origin = uuid.uuid4().hex
         self.faults = RedisFaults(on_error)
         self.cache = SharedIdentityCache(
             client,
             prefix=prefix,
             config=config,
-            secret=secret,
+            keys=keys,
             lock_ttl=lock_ttl,
             faults=self.faults,
             clock=clock,
@@ -625,6 +815,9 @@ class Replicas:
             apply=forget,
             resync=drop_cache,
             faults=self.faults,
+            keys=keys,
+            revocations=self.cache.revocations,
+            clock=clock,
         )
         self._pending: set[asyncio.Task[bool]] = set()
 
@@ -640,19 +833,22 @@ class Replicas:
         await self.bus.close()
 
     async def revoke(self, key_ids: Sequence[str] | None) -> bool:
-        """Delete the shared entries, then tell every replica (in that order, so no replica
-        copies an entry back after dropping it). False when Redis could not be told."""
+        """Mark the revocation and delete the shared entries, drop them here again, then tell
+        every replica, this one included (in that order: a request that read the shared entry
+        before the marker, and cached it here, loses it again; none can read it after).
+        False when Redis could not be told."""
+        if key_ids is not None and not key_ids:
+            return True
         try:
-            await self.cache.forget(key_ids)
+            at_ms = await self.cache.forget(key_ids)
+            ok = True
         except REDIS_FAULTS as exc:
             self.faults.record("revoke", exc)
-            ok = False
-        else:
-            ok = True
-        if key_ids is not None and not key_ids:
-            return ok
+            # Without Redis's clock, this replica's: the message still drops every copy.
+            at_ms, ok = math.floor(self._clock() * 1000), False
+        self._forget(key_ids)
         try:
-            await self.bus.publish(key_ids)
+            await self.bus.publish(key_ids, at_ms)
         except REDIS_FAULTS as exc:
             self.faults.record("publish", exc)
             return False

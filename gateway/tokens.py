@@ -77,6 +77,25 @@ def load_signing_key(config: JwtConfig) -> SigningKey:
     return SigningKey(config.algorithm, kid, private, public_jwk)  # type: ignore[arg-type]
 
 
+def same_key(a: SigningKey, b: SigningKey) -> bool:
+    """True when two loaded keys sign alike (algorithm, kid and secret material)."""
+    return (a.algorithm, a.kid) == (b.algorithm, b.kid) and private_material(
+        a
+    ) == private_material(b)
+
+
+def private_material(key: SigningKey) -> bytes:
+    """The signing key's secret part as bytes (the HMAC secret, or the private key's PKCS#8
+    DER): material to derive other secrets from, which nothing published reveals."""
+    if isinstance(key.key, bytes):
+        return key.key
+    return key.key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 _Claimed = tuple[str, str, tuple[str, ...], float | None, str | None]
 
 
@@ -88,7 +107,7 @@ def _claimed(identity: Identity) -> _Claimed:
 class TokenMinter:
     """Signs internal JWTs and remembers them until they need refreshing."""
 
-    __slots__ = ("_cache", "_clock", "_config", "_key", "minted", "reused")
+    __slots__ = ("_cache", "_clock", "_config", "_key", "_retired", "minted", "reused")
 
     def __init__(
         self,
@@ -105,6 +124,8 @@ class TokenMinter:
         self._cache: LRUCache[tuple[bytes, Grants], tuple[str, float, _Claimed, Identity]] = (
             LRUCache(max_cached)
         )
+        # Public keys replaced by `rotate`, published until the tokens they signed expire.
+        self._retired: list[tuple[Mapping[str, Any], float]] = []
         self.minted = 0
         self.reused = 0
 
@@ -112,8 +133,26 @@ class TokenMinter:
     def kid(self) -> str:
         return self._key.kid
 
+    @property
+    def key(self) -> SigningKey:
+        return self._key
+
     def jwks(self) -> dict[str, list[Mapping[str, Any]]]:
-        return {"keys": [self._key.public_jwk] if self._key.public_jwk else []}
+        now = self._clock()
+        self._retired = [(jwk, until) for jwk, until in self._retired if now < until]
+        keys = [self._key.public_jwk] if self._key.public_jwk else []
+        keys += [jwk for jwk, _ in self._retired if jwk["kid"] != self._key.kid]
+        return {"keys": keys}
+
+    def rotate(self, key: SigningKey, config: JwtConfig) -> None:
+        """Sign with `key` (and `config`) from now on. The old public key stays in the JWKS
+        for one token lifetime, so upstreams still verify the tokens it signed; tokens minted
+        with it are not reused."""
+        old, lifetime = self._key, self._config.ttl
+        if old.public_jwk is not None and old.kid != key.kid:
+            self._retired.append((old.public_jwk, self._clock() + lifetime))
+        self._key, self._config = key, config
+        self.forget()
 
     def token_for(self, cache_key: bytes, identity: Identity, grants: Grants) -> str:
         now = self._clock()

@@ -643,6 +643,7 @@ def test_kubernetes_manifests_parse_and_carry_a_valid_gateway_config() -> None:
         "TOWER_SECRET": "s",
         "GATEWAY_JWT_SECRET": "j" * 32,
         "GATEWAY_ADMIN_TOKEN": "a" * 16,
+        "GATEWAY_FINGERPRINT_SECRET": "f" * 32,
     }
     config = parse_config_text(text, env=env)
     assert config.rate_limit.backend == "redis" and config.redis.url
