@@ -3,9 +3,7 @@ and `check-config` on the shipped gateway.yaml says what is missing and how to s
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,17 +13,9 @@ import pytest
 
 from gateway.config import load_config, load_sections
 from gateway.errors import ConfigError
+from tests.fresh import free_port, fresh_env
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _fresh_env(**extra: str) -> dict[str, str]:
-    """The environment of a fresh shell: none of the gateway's variables set."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "TOWER_", "DEMO_"))
-    }
-    env.update(extra)
-    return env
 
 
 def _cli(cwd: Path, env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
@@ -46,7 +36,7 @@ def shipped(tmp_path: Path) -> Path:
 
 
 def test_keys_on_the_shipped_config_need_no_jwt_secret(shipped: Path) -> None:
-    env = _fresh_env()
+    env = fresh_env()
     created = _cli(
         shipped, env, "keys", "create", "--config", "gateway.yaml", "--user-id", "alice",
         "--role", "operator", "--scope", "tools:execute",
@@ -60,11 +50,9 @@ def test_keys_on_the_shipped_config_need_no_jwt_secret(shipped: Path) -> None:
 
 
 def test_tower_serve_on_the_shipped_config_needs_only_its_credentials(shipped: Path) -> None:
-    with httpx.Client() as probe, socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        env = _fresh_env(TOWER_API_KEY="served-key-0123456789", TOWER_SECRET="served-secret-0123")
+    with httpx.Client() as probe:
+        port = free_port()
+        env = fresh_env(TOWER_API_KEY="served-key-0123456789", TOWER_SECRET="served-secret-0123")
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "tower", "serve", "--config", "gateway.yaml",
              "--port", str(port)],
@@ -94,7 +82,7 @@ def test_tower_serve_on_the_shipped_config_needs_only_its_credentials(shipped: P
 
 
 def test_tower_serve_names_the_credentials_it_misses(shipped: Path) -> None:
-    result = _cli(shipped, _fresh_env(), "tower", "serve", "--config", "gateway.yaml")
+    result = _cli(shipped, fresh_env(), "tower", "serve", "--config", "gateway.yaml")
     assert result.returncode == 2
     assert result.stderr.startswith("error: tower.api_key: is not set: export TOWER_API_KEY")
 
@@ -132,7 +120,7 @@ def test_serve_still_demands_the_jwt_secret(shipped: Path) -> None:
 def test_check_config_on_the_shipped_file_says_how_to_set_what_is_missing(
     shipped: Path,
 ) -> None:
-    env = _fresh_env()
+    env = fresh_env()
     result = _cli(shipped, env, "check-config", "--config", "gateway.yaml")
     assert result.returncode == 2
     first, hint = result.stderr.splitlines()[:2]

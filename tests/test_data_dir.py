@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.errors import ConfigError
+from tests.fresh import free_port, fresh_env
 
 ROOT = Path(__file__).resolve().parent.parent
 UID = 10001  # the Dockerfile's USER
@@ -45,7 +45,8 @@ import gateway
 for module in pkgutil.walk_packages(gateway.__path__, "gateway."):
     if module.name != "gateway.__main__":
         importlib.import_module(module.name)
-import redis.asyncio, sqlite3, encodings.idna, encodings.ascii, encodings.latin_1, http.cookies, aiohttp.web
+import redis.asyncio, sqlite3, http.cookies, aiohttp.web
+import encodings.idna, encodings.ascii, encodings.latin_1
 os.setgroups([])
 os.setgid({UID})
 os.setuid({UID})
@@ -53,12 +54,6 @@ assert os.getuid() == os.geteuid() == {UID}
 from gateway.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -88,12 +83,7 @@ def _gateway_argv(*argv: str) -> list[str]:
 
 
 def _env(data: Path | None, **extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("GATEWAY_", "TOWER_", "DEMO_")) and k != "HOME"
-    }
-    env.update(HOME="/nonexistent", **extra)
+    env = fresh_env(HOME="/nonexistent", **extra)
     if data is not None:
         env["TOWER_GATEWAY_DATA_DIR"] = str(data)
     return env

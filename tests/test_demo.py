@@ -11,13 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from tests.fresh import free_port, fresh_env
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_root_gateway_yaml_is_the_packaged_default() -> None:
@@ -64,12 +60,8 @@ def test_demo_self_test_serves_the_printed_requests(tmp_path: Path) -> None:
 
 def _demo_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a fresh shell, its temporary files under `tmp_path/tmp`."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "TOWER_", "DEMO_"))
-    }
     (tmp_path / "tmp").mkdir()
-    env["TMPDIR"] = str(tmp_path / "tmp")
-    return env
+    return fresh_env(TMPDIR=str(tmp_path / "tmp"))
 
 
 def _keys(cwd: Path, env: dict[str, str]) -> list[dict[str, object]]:

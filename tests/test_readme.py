@@ -25,7 +25,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.fresh import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -48,12 +49,6 @@ IGNORE = shutil.ignore_patterns(
 pytestmark = pytest.mark.skipif(
     shutil.which("curl") is None, reason="the quick start's curl lines need curl"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def section(title: str) -> str:
