@@ -39,7 +39,9 @@ from tests.fresh import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-INSTALL = re.compile(r"^(python3? -m venv\b|\. \.venv/bin/activate$|(python3? -m )?pip install\b)")
+INSTALL = re.compile(
+    r"^(python3? -m venv\b|(\.|source) \.venv/bin/activate$|(python3? -m )?pip install\b)"
+)
 # Not part of a fresh clone: local state, caches, virtualenvs.
 IGNORE = shutil.ignore_patterns(
     ".git", ".venv", "venv", "*.db", "*.db-*", "*.db.secret", "__pycache__", "*.egg-info",
