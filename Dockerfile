@@ -21,15 +21,17 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# The locked, hashed dependencies first (a layer that survives code changes), then the
-# project itself without resolving anything again. A prefix of its own, so the runtime
-# stage receives the installed project and its dependencies without the sources or the
-# build tools.
-COPY requirements/runtime.txt ./requirements/runtime.txt
-RUN pip install --prefix=/install --require-hashes -r requirements/runtime.txt
+COPY requirements ./requirements
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
-RUN pip install --prefix=/install --no-deps .
+# Exact versions with hashes from the lock. The build backend comes from the lock
+# too (--no-build-isolation); the wheel is then installed under a prefix of its
+# own, so the runtime stage receives the project and its dependencies without
+# the sources.
+RUN pip install --require-hashes -r requirements/runtime.txt \
+    && pip wheel --no-deps --no-build-isolation -w /wheels . \
+    && pip install --prefix=/install --require-hashes -r requirements/runtime.txt \
+    && pip install --prefix=/install --no-deps /wheels/*.whl
 
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 \
