@@ -539,12 +539,12 @@ def _env_default(value: str | None, var: str, env: Mapping[str, str]) -> str | N
     return value if value is not None else (env.get(var) or None)
 
 
-def _finish(cfg: Config, env: Mapping[str, str], base: Path) -> Config:
-    """Defaults that come from the environment, and rules that span several keys."""
+def _finish_tower(tower: TowerConfig, env: Mapping[str, str], base: Path) -> TowerConfig:
+    """The tower section's environment defaults and rules; the embedded tower's db made absolute."""
     tower = _replace(
-        cfg.tower,
-        api_key=_env_default(cfg.tower.api_key, "TOWER_API_KEY", env),
-        secret=_env_default(cfg.tower.secret, "TOWER_SECRET", env),
+        tower,
+        api_key=_env_default(tower.api_key, "TOWER_API_KEY", env),
+        secret=_env_default(tower.secret, "TOWER_SECRET", env),
     )
     if tower.local is None:
         # A remote tower needs its URL and both credentials; the embedded one
@@ -555,12 +555,49 @@ def _finish(cfg: Config, env: Mapping[str, str], base: Path) -> Config:
             raise ConfigError("tower.api_key", "is not set (set it or TOWER_API_KEY)")
         if not tower.secret:
             raise ConfigError("tower.secret", "is not set (set it or TOWER_SECRET)")
-    else:
-        db = Path(tower.local.db)
-        if not db.is_absolute():
-            db = base / db
-        tower = _replace(tower, local=_replace(tower.local, db=str(db)))
-        prefix = tower.local.prefix if tower.local is not None else None
+        return tower
+    db = _local_db_path(tower.local.db, env, base)
+    return _replace(tower, local=_replace(tower.local, db=str(db)))
+
+
+DEFAULT_DATA_DIR: Final = "/var/lib/tower-gateway"
+
+
+def _local_db_path(db: str, env: Mapping[str, str], base: Path) -> Path:
+    """Where a `tower.local.db` lives: an absolute path as written; a relative one beside
+    the config file when that directory is writable or already holds the database, else
+    in the data directory ($TOWER_GATEWAY_DATA_DIR, default /var/lib/tower-gateway), as in
+    a container whose config is mounted read-only."""
+    path = Path(db)
+    if path.is_absolute():
+        return path
+    beside = base / path
+    if beside.exists() or _creatable(beside.parent):
+        return beside
+    data_dir = Path(env.get("TOWER_GATEWAY_DATA_DIR") or DEFAULT_DATA_DIR)
+    in_data = data_dir / path
+    if not _creatable(in_data.parent):
+        raise ConfigError(
+            "tower.local.db",
+            f"cannot create {path} in {beside.parent} (the config directory) nor in "
+            f"{in_data.parent} (the data directory): set TOWER_GATEWAY_DATA_DIR to a "
+            "writable directory, or TOWER_GATEWAY_DB / tower.local.db to an absolute path",
+        )
+    return in_data
+
+
+def _creatable(directory: Path) -> bool:
+    """Whether files can be created in `directory` (made first when missing)."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
+
+
+def _finish(cfg: Config, env: Mapping[str, str], base: Path) -> Config:
+    """Defaults that come from the environment, and rules that span several keys."""
+    tower = _finish_tower(cfg.tower, env, base)
+    if tower.local is not None:
+        prefix = tower.local.prefix
         key_format = cfg.credentials.key_format
         if key_format is None and prefix is not None:
             # Every key the embedded tower issues has its prefix and checksum.
@@ -715,13 +752,16 @@ def parse_config(
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML file; raises `ConfigError` naming the offending key."""
     p = Path(path)
+    return parse_config_text(_read(p), env=env, base=p.resolve().parent, source=str(p))
+
+
+def _read(p: Path) -> str:
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("", f"cannot read {p}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError("", f"{p} is not UTF-8 text") from None
-    return parse_config_text(text, env=env, base=p.resolve().parent, source=str(p))
 
 
 def parse_config_text(
@@ -732,6 +772,11 @@ def parse_config_text(
     source: str = "<text>",
 ) -> Config:
     """Parse YAML text (with `${VAR}` anywhere) into a validated `Config`."""
+    data, refs = _parse_yaml(text, source)
+    return parse_config(data, env=env, base=base, source=source, refs=refs)
+
+
+def _parse_yaml(text: str, source: str) -> tuple[Any, list[str]]:
     protected, refs = _protect(text)
     try:
         data = yaml.safe_load(protected)
@@ -743,7 +788,33 @@ def parse_config_text(
         raise ConfigError("", f"{source} has a value YAML cannot read (a date?)") from None
     except RecursionError:
         raise ConfigError("", f"{source} is nested too deeply") from None
-    return parse_config(data, env=env, base=base, source=source, refs=refs)
+    return data, refs
+
+
+def load_sections(
+    path: str | os.PathLike[str], names: tuple[str, ...], *, env: Mapping[str, str] | None = None
+) -> Config:
+    """Only the named top-level sections of a config file, read and checked as `load_config`
+    reads them (`${VAR}` expanded, the tower section's rules applied); every other section
+    keeps its default, neither expanded nor checked, so a command that manages keys needs no
+    JWT secret. Unknown top-level keys are still errors."""
+    p = Path(path)
+    data, refs = _parse_yaml(_read(p), str(p))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", "the top level must be a mapping")
+    _check_shape(data)
+    env = os.environ if env is None else env
+    known = {f.name for f in fields(Config) if not f.metadata.get("internal")}
+    for key in data:
+        if key not in known:
+            raise ConfigError(str(key), "unknown key")
+    picked = {name: data[name] for name in names if name in data}
+    cfg = _build(Config, _expand(picked, "", env, refs), "")
+    if "tower" in names:
+        cfg = _replace(cfg, tower=_finish_tower(cfg.tower, env, p.resolve().parent))
+    return _replace(cfg, source=str(p))
 
 
 def default_config_path(env: Mapping[str, str] | None = None) -> str:
