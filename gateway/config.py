@@ -776,7 +776,7 @@ def parse_config_text(
     return parse_config(data, env=env, base=base, source=source, refs=refs)
 
 
-def _parse_yaml(text: str, source: str) -> tuple[Any, list[str]]:
+def _parse_yaml(text: str, source: str) -> tuple[Any, _Refs | None]:
     protected, refs = _protect(text)
     try:
         data = yaml.safe_load(protected)
