@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Final, Protocol, runtime_checkable
 
-from aiohttp import web, web_response
+from aiohttp import hdrs, web, web_response
 from aiohttp.http_exceptions import (
     BadHttpMethod,
     BadStatusLine,
@@ -144,6 +144,7 @@ class GatewayRequestHandler(RequestHandler):
         # The body of the newest request parsed: while it is unfinished, what
         # arrives is body; once it is complete, the start of another head.
         self._last_body: StreamReader | None = None
+        self._last_message: object = None
         # A request that ends the connection was parsed: nothing after it is read.
         self._closing = False
 
@@ -174,14 +175,27 @@ class GatewayRequestHandler(RequestHandler):
             self.close()  # after the request in progress is answered
 
     def data_received(self, data: bytes) -> None:
-        if self._force_close or self._close:
+        if not data:
+            # aiohttp's nudge to parse what it held back while its queue was full.
+            self._feed(data)
             return
-        if self._unfinished_body() or self._upgraded:
-            self._feed(data)  # a body (or an upgraded stream): as it comes
-            return
-        # A head is due: one request head at a time, so a request that closes the
-        # connection does not take the ones before it in the same read down with it.
-        while not self._closing:
+        while data and not (self._force_close or self._close):
+            if self._upgraded:
+                self._feed(data)
+                return
+            if self._unfinished_body():
+                # A body as it comes; when its length is known, up to its end only.
+                left = self._body_left()
+                if left is None or left >= len(data):
+                    self._feed(data)
+                    return
+                self._feed(data[:left])
+                data = data[left:]
+                continue
+            if self._closing:
+                return  # nothing after a request that closes the connection (RFC 9112 9.6)
+            # A head is due: one request head at a time, so a request that closes the
+            # connection does not take the ones before it in the same read down with it.
             end = data.find(HEAD_END)
             if end < 0 or end + len(HEAD_END) == len(data):
                 self._feed(data)
@@ -189,12 +203,17 @@ class GatewayRequestHandler(RequestHandler):
             end += len(HEAD_END)
             self._feed(data[:end])
             data = data[end:]
-            if self._close or self._force_close:
-                return
-            if self._unfinished_body():
-                self._feed(data)
-                return
-        # After a request that closes the connection nothing more is read (RFC 9112 9.6).
+
+    def _body_left(self) -> int | None:
+        """The bytes still due of the newest request's body, when it has a length."""
+        message, body = self._last_message, self._last_body
+        if message is None or body is None or getattr(message, "chunked", True):
+            return None
+        length = getattr(message, "headers", {}).get(hdrs.CONTENT_LENGTH)
+        if length is None or not length.isdigit():
+            return None
+        left = int(length) - body.total_bytes
+        return left if left > 0 else None
 
     def _unfinished_body(self) -> bool:
         body = self._last_body
@@ -217,7 +236,7 @@ class GatewayRequestHandler(RequestHandler):
                 self._fail_bodies(broken, None)
             return
         if added:
-            self._last_body = messages[-1][1]
+            self._last_message, self._last_body = messages[-1]
             self._cancel_head_timer()
             self._closing = (
                 getattr(messages[-1][0], "should_close", False)
