@@ -42,6 +42,12 @@ def answering(text: str, status: int = 200) -> Callable[[web.Request], Awaitable
     return handler
 
 
+def breaking(tower: Scripted) -> dict[str, object]:
+    """Tower settings whose circuit opens after two faults and stays open."""
+    return {"url": tower.url, "timeout": 0.6, "retries": 0, "breaker_threshold": 2,
+            "breaker_reset": 60}
+
+
 @pytest.mark.parametrize("body", REPEATS)
 @pytest.mark.parametrize("status", [200, 401, 422])
 async def test_a_repeated_member_is_a_tower_fault(
@@ -59,15 +65,7 @@ async def test_a_repeated_member_is_a_tower_fault(
 async def test_4xx_answers_for_one_key_never_open_the_circuit(
     make_gateway: GatewayFactory, scripted_tower: Scripted, status: int
 ) -> None:
-    h = await make_gateway(
-        tower={
-            "url": scripted_tower.url,
-            "timeout": 0.6,
-            "retries": 0,
-            "breaker_threshold": 2,
-            "breaker_reset": 60,
-        }
-    )
+    h = await make_gateway(tower=breaking(scripted_tower))
     good = json.dumps(tower_record("k1", "u1", "admin"))
 
     async def handler(request: web.Request) -> web.Response:
@@ -87,15 +85,7 @@ async def test_4xx_answers_for_one_key_never_open_the_circuit(
 async def test_5xx_answers_still_open_the_circuit(
     make_gateway: GatewayFactory, scripted_tower: Scripted
 ) -> None:
-    h = await make_gateway(
-        tower={
-            "url": scripted_tower.url,
-            "timeout": 0.6,
-            "retries": 0,
-            "breaker_threshold": 2,
-            "breaker_reset": 60,
-        }
-    )
+    h = await make_gateway(tower=breaking(scripted_tower))
     scripted_tower.handler = answering('{"error": "down"}', 500)
     for i in range(3):
         await h.client.get("/x", headers={"X-API-Key": f"any-key-{i:04d}"})

@@ -118,3 +118,16 @@ def test_defaults_are_ten_and_seventy_five_seconds() -> None:
 
     assert (ServerConfig().header_timeout, ServerConfig().keepalive_timeout) == (10.0, 75.0)
     assert Timeouts() == Timeouts(10.0, 75.0)
+
+
+def test_the_supervisors_ops_listener_has_the_timeouts() -> None:
+    from types import SimpleNamespace
+
+    from gateway.config import parse_config
+    from gateway.group_ops import create_group_ops_app
+    from gateway.httpserver import TIMEOUTS, Timeouts
+    from tests.conftest import ENV
+
+    config = parse_config({"server": {"header_timeout": 3, "keepalive_timeout": 9}}, env=ENV)
+    app = create_group_ops_app(SimpleNamespace(config=config))  # type: ignore[arg-type]
+    assert app[TIMEOUTS] == Timeouts(3, 9)
