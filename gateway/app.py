@@ -40,7 +40,7 @@ from gateway.errors import (
     RateLimited,
 )
 from gateway.explain import SHADOW_STATUSES
-from gateway.httpserver import ANSWER, REQUEST_ID
+from gateway.httpserver import ANSWER, NOSNIFF, REQUEST_ID, TIMEOUTS, Timeouts, listener_app
 from gateway.identity import CacheStats, Fingerprinter, IdentityResolver, Resolved, derive_secret
 from gateway.metrics import Metrics
 from gateway.proxy import (
@@ -49,6 +49,8 @@ from gateway.proxy import (
     IPNetwork,
     add_forwarding,
     connection_tokens,
+    forward_intent,
+    query_holds_key,
 )
 from gateway.ratelimit import (
     MemoryRateLimiter,
@@ -127,6 +129,7 @@ def error_response(exc: GatewayError, rid: str) -> web.Response:
     response = web.Response(status=exc.status, text=body, content_type="application/json")
     response.headers.update(exc.headers)
     response.headers[REQUEST_ID] = rid
+    response.headers[NOSNIFF[0]] = NOSNIFF[1]
     if exc.close:
         response.force_close()
     return response
@@ -153,7 +156,7 @@ def build_components(config: Config) -> Components:
     blocked = [config.jwt.header, *extractor.header_names]
     return Components(
         config=config,
-        routes=RouteTable(config.routes),
+        routes=RouteTable(config.routes, audience=config.jwt.audience),
         extractor=extractor,
         mapper=CapabilityMapper(config),
         headers=HeaderPolicy(blocked),
@@ -312,6 +315,7 @@ class Gateway:
             }
         )
         app[GATEWAY] = self
+        app[TIMEOUTS] = Timeouts.of(self.config.server)
         app.cleanup_ctx.append(self._lifespan)
         app.on_shutdown.append(self.sockets.on_shutdown)
         # Every request, whatever its path or method, goes to `handle`: served by
@@ -322,7 +326,7 @@ class Gateway:
     def ops_app(self) -> web.Application:
         from gateway.ops import create_ops_app
 
-        return create_ops_app(self)
+        return listener_app(create_ops_app(self), self.config.server)
 
     def rotate_signing_key(self, key: SigningKey, config: Config) -> None:
         """Sign new tokens with `key` at once (a reload found a new key file or secret)."""
@@ -442,7 +446,14 @@ class Gateway:
         self.forwarder.check_length(request)
 
         headers = parts.headers.forwardable(request.headers, connection_tokens(request.headers))
-        parts.headers.scrub(headers, parts.extractor.candidates(request.headers))
+        if route.forward:
+            forward_intent(headers, request.headers, route.forward)
+        candidates = parts.extractor.candidates(request.headers)
+        parts.headers.scrub(headers, candidates)
+        if query and candidates and query_holds_key(query, candidates):
+            raise BadRequest(
+                "API keys are not accepted in the URL; send X-API-Key", reason="key_in_query"
+            )
         response_headers: dict[str, str] = {REQUEST_ID: record.request_id}
         if route.config.websocket and _is_upgrade(request):
             from gateway.websocket import handle_websocket
@@ -572,7 +583,7 @@ class Gateway:
                             raise limited
                         would_deny = would_deny or limited
             record.decision, record.reason = "allow", resolved.source
-            token = self.minter.token_for(resolved.digest, identity, grants)
+            token = self.minter.token_for(resolved.digest, identity, grants, route.audience)
             authorization = Authorization(resolved, grants, token, would_deny)
         except GatewayError as exc:
             self._audit_auth(record, exc, shadow=shadow)

@@ -103,6 +103,33 @@ def _route_path(v: str) -> str | None:
     return None
 
 
+# Headers that ask an upstream to treat a request as another method or URL; removed
+# unless a route names them in `forward_headers`.
+INTENT_HEADERS: Final = frozenset(
+    {
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-override-url",
+    }
+)
+
+
+def _forward_headers(v: tuple[str, ...]) -> str | None:
+    for name in v:
+        if name.lower() not in INTENT_HEADERS:
+            return f"{name!r} is not one of {', '.join(sorted(INTENT_HEADERS))}"
+    return None
+
+
+def _audience(v: str | None) -> str | None:
+    if v is not None and not re.fullmatch(r"[\x21-\x7e]{1,256}", v):
+        return "must be 1-256 printable characters without spaces"
+    return None
+
+
 def _cidrs(v: tuple[str, ...]) -> str | None:
     for item in v:
         try:
@@ -127,6 +154,10 @@ class ServerConfig:
     shutdown_timeout: float = _check(_non_negative, 30.0)
     max_line_size: int = _check(_positive, 8190)
     max_field_size: int = _check(_positive, 8190)
+    # Seconds a client has to send a request's head, and an idle keep-alive
+    # connection is kept (`gateway.httpserver`), on every listener.
+    header_timeout: float = _check(_positive, 10.0)
+    keepalive_timeout: float = _check(_positive, 75.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +271,11 @@ class RouteConfig:
     timeout: float = _check(_positive, 30.0)
     enforce: bool = True
     preserve_host: bool = False
+    # `%2F` in this route's paths is kept (encoded, never decoded for matching).
+    allow_encoded_slash: bool = False
+    forward_headers: tuple[str, ...] = _check(_forward_headers, ())
+    # The `aud` of the JWTs this route's upstream gets; None: `jwt.audience`.
+    audience: str | None = _check(_audience, None)
 
 
 def _default_routes() -> tuple[RouteConfig, ...]:

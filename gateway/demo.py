@@ -175,7 +175,7 @@ async def _run(config: Config, key: str, self_test: bool) -> int:
         GatewayRunner(
             gateway.proxy_app(), access_log=None, shutdown_timeout=config.server.shutdown_timeout
         ),
-        web.AppRunner(gateway.ops_app(), access_log=None),
+        GatewayRunner(gateway.ops_app(), access_log=None),
     ]
     addresses = [
         _upstream_address(config),

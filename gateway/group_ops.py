@@ -157,10 +157,11 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
     reply listed under "workers".
     """
     from gateway.audit import parse_limit
+    from gateway.httpserver import listener_app
     from gateway.openapi import OPENAPI_PATH, admin_openapi
     from gateway.ops import admin_guard
 
-    app = web.Application()
+    app = listener_app(web.Application(), group.config.server)
     app[GROUP] = group
     admin = admin_guard(group.config.admin.token)
 

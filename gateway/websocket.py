@@ -67,7 +67,7 @@ from gateway.errors import (
 )
 from gateway.httpserver import REQUEST_ID
 from gateway.metrics import PREFIX, Metrics
-from gateway.proxy import HeaderPolicy, add_forwarding
+from gateway.proxy import MIN_SCRUBBED_KEY, HeaderPolicy, add_forwarding, holds_key
 from gateway.routes import Route
 
 if TYPE_CHECKING:
@@ -339,6 +339,11 @@ class _Handshake:
         request = self.request
         self._check_origin()
         offered = _offered_protocols(request)
+        # A key a browser carries as a subprotocol is offered to no upstream, and so
+        # never chosen and echoed back either.
+        candidates = self.parts.extractor.candidates(request.headers)
+        if candidates and offered:
+            offered = _without_keys(offered, candidates)
         # Refuse a broken handshake before any tower call or upstream connection.
         if not web.WebSocketResponse(protocols=offered).can_prepare(request).ok:
             raise BadRequest("not a valid WebSocket handshake", reason="malformed_request")
@@ -477,8 +482,15 @@ class _Handshake:
             await _close(client, outcome)
             return client
         key, authorization = outcome
-        # A browser that sends its key in the auth message may hold it in a cookie too.
+        # A browser that sends its key in the auth message may hold it in a cookie too,
+        # or offer it as a subprotocol (answered before the key was known): then the
+        # connection ends, and the upstream never sees it.
         HeaderPolicy.scrub(headers, (key,))
+        if client.ws_protocol is not None and holds_key(client.ws_protocol, (key,)):
+            ending = Ending(BAD_AUTH_MESSAGE, "a subprotocol holds the key", "key_in_subprotocol")
+            self._deny(ending)
+            await _close(client, ending)
+            return client
         headers[self.config.jwt.header] = f"Bearer {authorization.token}"
         try:
             upstream = await self._connect(url, headers, offered[:1])
@@ -489,10 +501,9 @@ class _Handshake:
             await _close(client, ending)
             return client
         if client.ws_protocol is not None and upstream.protocol != client.ws_protocol:
+            # The reason names no protocol: a client's offer may hold anything.
             ending = Ending(
-                WSCloseCode.BAD_GATEWAY,
-                f"upstream refused subprotocol {client.ws_protocol}",
-                "subprotocol_mismatch",
+                WSCloseCode.BAD_GATEWAY, "upstream refused the subprotocol", "subprotocol_mismatch"
             )
             self._deny(ending)
             await asyncio.gather(_close(client, ending), _close(upstream, ending))
@@ -789,6 +800,13 @@ def _offered_protocols(request: web.BaseRequest) -> tuple[str, ...]:
     for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ()):
         offered.extend(p.strip() for p in value.split(",") if p.strip())
     return tuple(dict.fromkeys(offered))
+
+
+def _without_keys(offered: tuple[str, ...], keys: tuple[str, ...]) -> tuple[str, ...]:
+    needles = [key for key in keys if len(key) >= MIN_SCRUBBED_KEY]
+    if not needles:
+        return offered
+    return tuple(p for p in offered if not holds_key(p, needles))
 
 
 def _origin(value: str) -> str:

@@ -531,8 +531,9 @@ def run_workers(
 async def _run_group(group: WorkerGroup) -> int:
     config = group.config
     from gateway.group_ops import create_group_ops_app  # imports this module's WorkerGroup
+    from gateway.httpserver import GatewayRunner
 
-    runner = web.AppRunner(create_group_ops_app(group), access_log=None, handle_signals=False)
+    runner = GatewayRunner(create_group_ops_app(group), access_log=None, handle_signals=False)
     await runner.setup()
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()
