@@ -11,7 +11,6 @@ fails to close still lets the others close.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
@@ -26,9 +25,9 @@ from gateway.auth.decide import DecisionEngine
 from gateway.auth.fingerprint import Fingerprinter, derive_secret
 from gateway.auth.identity import CacheStats, IdentityResolver
 from gateway.auth.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
-from gateway.auth.tokens import SigningKey, TokenMinter, load_signing_key
+from gateway.auth.tokens import SigningKey, TokenMinter, load_signing_key, private_material
 from gateway.config import Config
-from gateway.http.server import ANSWER
+from gateway.http.server import ANSWER, TIMEOUTS, Timeouts, listener_app
 from gateway.ops.accesslog import AccessLog
 from gateway.ops.audit import AuditLog
 from gateway.ops.explain import Explainer
@@ -38,14 +37,20 @@ from gateway.ops.parts import OpsParts, Readiness
 from gateway.ops.reload import Reloader
 from gateway.proxy.forwarder import Forwarder
 from gateway.proxy.listener import ProxyListener, http_log
+from gateway.replicas.connection import redis_client
 from gateway.replicas.revoker import Revoker
-from gateway.replicas.shared import LOCK_MARGIN, Replicas, redis_client
+from gateway.replicas.shared import LOCK_MARGIN, Replicas
 from gateway.tower import Tower
 from gateway.websocket.handshake import WebSockets
 from gateway.websocket.registry import SocketRegistry
 
 
-def make_tower(config: Config, *, on_circuit_change: Callable[[str], None] | None = None) -> Tower:
+def make_tower(
+    config: Config,
+    *,
+    on_circuit_change: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Tower:
     if config.tower.local is not None:
         from gateway.tower.local import LocalTower
 
@@ -55,7 +60,7 @@ def make_tower(config: Config, *, on_circuit_change: Callable[[str], None] | Non
     from gateway.tower.resilient import ResilientTower
 
     return ResilientTower.from_config(
-        RemoteTower(config.tower), config.tower, on_state_change=on_circuit_change
+        RemoteTower(config.tower), config.tower, clock=clock, on_state_change=on_circuit_change
     )
 
 
@@ -71,17 +76,20 @@ class Gateway:
         clock: Callable[[], float] = time.time,
         access_log: AccessLog | None = None,
         audit: AuditLog | None = None,
+        tower_clock: Callable[[], float] = time.monotonic,  # the circuit breaker's periods
     ) -> None:
         self.config = config
         self.clock = clock
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.signing_key: SigningKey = load_signing_key(config.jwt)
-        self.fingerprinter = Fingerprinter(self._fingerprint_secret())
+        # Computed once: a signing key rotated by a reload does not re-key the caches.
+        self._fp_secret = self._fingerprint_secret()
+        self.fingerprinter = Fingerprinter(self._fp_secret)
         self.tower: Tower = (
             tower
             if tower is not None
-            else make_tower(config, on_circuit_change=self.metrics.circuit_state)
+            else make_tower(config, on_circuit_change=self.metrics.circuit_state, clock=tower_clock)
         )
         self.resolver = IdentityResolver(
             self.tower,
@@ -128,6 +136,8 @@ class Gateway:
             config.source,
             current=self._current_config,
             apply=self.apply_config,
+            signing_key=self._signing_key,
+            rotate_key=self.rotate_signing_key,
             reopen_logs=self._reopen_logs,
             audit=self._audit,
             metrics=self.metrics,
@@ -168,23 +178,33 @@ class Gateway:
         self.access_log.reopen()
         self.audit.reopen()
 
+    def _signing_key(self) -> SigningKey:
+        return self.signing_key
+
     def _fingerprint_secret(self) -> bytes:
+        """The keyed-hash secret of cache keys and fingerprints. Configured (required with
+        Redis, where it also keys what replicas share), or derived from the private signing
+        material: never from anything the gateway publishes (the JWKS, the kid)."""
         if self.config.cache.fingerprint_secret:
             return self.config.cache.fingerprint_secret.encode()
-        key = self.signing_key.key
-        material = (
-            key
-            if isinstance(key, bytes)
-            else json.dumps(self.signing_key.public_jwk, sort_keys=True).encode()
-            + self.signing_key.kid.encode()
-        )
-        # Derived, so every replica with the same signing key agrees on cache
-        # keys and fingerprints without one more secret to distribute.
-        return derive_secret(material, "fingerprint")
+        return derive_secret(private_material(self.signing_key), "fingerprint")
+
+    def _shared_secrets(self) -> list[bytes]:
+        """The keys of what replicas share: the current secret first (it signs), then the
+        previous ones, still accepted while a rotation rolls out."""
+        cache = self.config.cache
+        secrets = [self._fp_secret]
+        secrets += [s.encode() for s in cache.previous_fingerprint_secrets]
+        return [derive_secret(s, "shared-cache") for s in secrets]
 
     def _stats(self) -> tuple[CacheStats, int, int, int, int]:
         positive, negative = self.resolver.entry_counts()
         return self.resolver.stats, positive, negative, self.minter.minted, self.minter.reused
+
+    def rotate_signing_key(self, key: SigningKey, config: Config) -> None:
+        """Sign new tokens with `key` at once (a reload found a new key file or secret)."""
+        self.signing_key = key
+        self.minter.rotate(key, config.jwt)
 
     def apply_config(self, config: Config) -> None:
         """Swap in a reloaded config (`gateway.ops.reload`): one assignment, so a request that
@@ -228,7 +248,7 @@ class Gateway:
             self._redis,
             prefix=self.config.redis.key_prefix,
             config=self.config.cache,
-            secret=derive_secret(self._fingerprint_secret(), "shared-cache"),
+            keys=self._shared_secrets(),
             # One tower call (all its retries) plus a margin.
             lock_ttl=(tower.budget or tower.timeout) + LOCK_MARGIN,
             forget=self.revoker.forget_locally,
@@ -284,6 +304,7 @@ class Gateway:
             }
         )
         app[GATEWAY] = self
+        app[TIMEOUTS] = Timeouts.of(self.config.server)
         # Entered in this order, left in the reverse one, each whatever the others do.
         app.cleanup_ctx.extend(
             [
@@ -306,7 +327,7 @@ class Gateway:
             lambda: self.resolver.entry_counts()[0],
             redis_ok=self._redis_ok if self.config.redis.url else None,
         )
-        return create_ops_app(
+        ops = create_ops_app(
             OpsParts(
                 registry=self.registry,
                 readiness=readiness,
@@ -320,6 +341,7 @@ class Gateway:
                 admin=self.config.admin,
             )
         )
+        return listener_app(ops, self.config.server)
 
 
 GATEWAY: Final[web.AppKey[Gateway]] = web.AppKey("gateway", Gateway)

@@ -195,11 +195,14 @@ class TowerFault(Exception):
         }
     )
 
-    def __init__(self, kind: str, detail: str) -> None:
+    def __init__(self, kind: str, detail: str, *, key_specific: bool = False) -> None:
         assert kind in self.KINDS, kind
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
+        # An answer the key a client sent may have provoked (a 4xx): it says nothing
+        # about the tower's health, so it never counts towards opening the circuit.
+        self.key_specific = key_specific
 
 
 class ConfigError(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aiohttp import web
+from aiohttp import web, web_response
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import HttpPayloadParser, HttpRequestParserPy
 from aiohttp.web_protocol import RequestHandler
@@ -34,6 +34,7 @@ async def live_objects() -> dict[str, object]:
         "HttpPayloadParser": payload_parser,
         "Server": server,
         "AppRunner": web.AppRunner(web.Application()),
+        "web_response": web_response,
     }
 
 
@@ -58,6 +59,8 @@ async def test_the_adapter_reads_what_it_says() -> None:
     handler = objects["RequestHandler"]
     assert isinstance(handler, RequestHandler)
     assert private.closing(handler) is False
+    assert private.upgraded(handler) is False and private.idle(handler) is False
+    assert private.handler_loop(handler) is asyncio.get_running_loop()
     assert list(private.queued_messages(handler)) == []
     assert private.current_body(handler) is None
     # The pure-Python parser in the middle of a 5-byte chunk of which 2 arrived: 3 due.

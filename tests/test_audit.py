@@ -24,7 +24,7 @@ from gateway.config import load_config, parse_config
 from gateway.errors import ConfigError
 from gateway.ops.accesslog import AccessLog, RequestRecord
 from gateway.ops.audit import AuditLog
-from gateway.replicas.shared import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign_webhook
+from gateway.replicas.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign_webhook
 from tests.conftest import (
     ENV,
     SECRETS,

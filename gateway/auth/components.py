@@ -43,7 +43,7 @@ def build_components(config: Config) -> Components:
     blocked = [config.jwt.header, *extractor.header_names]
     return Components(
         config=config,
-        routes=RouteTable(config.routes),
+        routes=RouteTable(config.routes, audience=config.jwt.audience),
         extractor=extractor,
         mapper=CapabilityMapper(config),
         headers=HeaderPolicy(blocked),

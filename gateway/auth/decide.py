@@ -46,7 +46,7 @@ from gateway.errors import (
     MissingKey,
     RateLimited,
 )
-from gateway.http.headers import SHADOW_DECISION
+from gateway.http.headers import SHADOW_DECISION, query_holds_key
 from gateway.ops.accesslog import RequestRecord
 from gateway.ops.audit import AuditLog
 from gateway.ops.metrics import Metrics
@@ -114,6 +114,10 @@ class Decision:
             headers[jwt_header] = f"Bearer {self.token}"
 
 
+def _key_in_query() -> BadRequest:
+    return BadRequest("API keys are not accepted in the URL; send X-API-Key", reason="key_in_query")
+
+
 class DecisionEngine:
     """Holds the long-lived parts a decision uses; `components()` is the live config snapshot."""
 
@@ -147,10 +151,12 @@ class DecisionEngine:
         path = normalise_path(request.raw_path)
         query = request.query
         if query and has_query_key(query):
-            raise BadRequest(
-                "API keys are not accepted in the URL; send X-API-Key", reason="key_in_query"
-            )
-        return path, parts.routes.match(path, request.method)
+            raise _key_in_query()
+        route = parts.routes.match(path, request.method)
+        # The key's value under any parameter name: the upstream gets no copy of it.
+        if query and query_holds_key(query, parts.extractor.candidates(request.headers)):
+            raise _key_in_query()
+        return path, route
 
     @staticmethod
     def key(request: OriginalRequest, parts: Components) -> str | None:
@@ -242,7 +248,11 @@ class DecisionEngine:
                 per_minute=per_minute if known else None,
             )
         record.decision, record.reason = ALLOW, resolved.source
-        token = None if dry_run else self.minter.token_for(resolved.digest, identity, grants)
+        token = (
+            None
+            if dry_run
+            else self.minter.token_for(resolved.digest, identity, grants, route.audience)
+        )
         if would_deny is None:
             if not dry_run:
                 self.metrics.count_auth("success")

@@ -229,6 +229,14 @@ local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now) or now
 if tat < now then tat = now end
+-- No request leaves a bucket emptier than burst intervals from now: a later time was written by
+-- someone else (with no expiry, it would block the key for ever). Read as empty, and written
+-- back with an expiry.
+if tat > now + interval * burst then
+  tat = now + interval * burst
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX',
+             math.max(1, math.ceil((tat - now) / 1000)))
+end
 local new_tat = tat + interval
 local allow_at = new_tat - interval * burst
 if now < allow_at then

@@ -1,9 +1,12 @@
 """Mint the internal JWT the upstream verifies, reuse it while it is fresh, publish JWKS.
 
-A token is cached per (key fingerprint, grants) and reused, while the identity
+A token is cached per (key fingerprint, grants, audience) and reused, while the identity
 it describes is unchanged, until less than a tenth of its lifetime is left, so
 a cache-hit request does not sign. `exp` is never after the key's own
-`expires_at`.
+`expires_at`. Its `jti` names the token, not a request: every request of a key
+to routes of one audience carries the same token while it is reused. Each
+route's upstream gets tokens for its own `aud` (`routes[].audience`), so a
+token one service captured is refused by a service of another audience.
 """
 
 from __future__ import annotations
@@ -77,6 +80,25 @@ def load_signing_key(config: JwtConfig) -> SigningKey:
     return SigningKey(config.algorithm, kid, private, public_jwk)  # type: ignore[arg-type]
 
 
+def same_key(a: SigningKey, b: SigningKey) -> bool:
+    """True when two loaded keys sign alike (algorithm, kid and secret material)."""
+    return (a.algorithm, a.kid) == (b.algorithm, b.kid) and private_material(
+        a
+    ) == private_material(b)
+
+
+def private_material(key: SigningKey) -> bytes:
+    """The signing key's secret part as bytes (the HMAC secret, or the private key's PKCS#8
+    DER): material to derive other secrets from, which nothing published reveals."""
+    if isinstance(key.key, bytes):
+        return key.key
+    return key.key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 _Claimed = tuple[str, str, tuple[str, ...], float | None, str | None]
 
 
@@ -88,7 +110,7 @@ def _claimed(identity: Identity) -> _Claimed:
 class TokenMinter:
     """Signs internal JWTs and remembers them until they need refreshing."""
 
-    __slots__ = ("_cache", "_clock", "_config", "_key", "minted", "reused")
+    __slots__ = ("_cache", "_clock", "_config", "_key", "_retired", "minted", "reused")
 
     def __init__(
         self,
@@ -102,9 +124,11 @@ class TokenMinter:
         self._key = key
         self._clock = clock
         # token, refresh time, what it claims, and the identity it was signed for
-        self._cache: LRUCache[tuple[bytes, Grants], tuple[str, float, _Claimed, Identity]] = (
-            LRUCache(max_cached)
-        )
+        self._cache: LRUCache[
+            tuple[bytes, Grants, str], tuple[str, float, _Claimed, Identity]
+        ] = LRUCache(max_cached)
+        # Public keys replaced by `rotate`, published until the tokens they signed expire.
+        self._retired: list[tuple[Mapping[str, Any], float]] = []
         self.minted = 0
         self.reused = 0
 
@@ -112,15 +136,38 @@ class TokenMinter:
     def kid(self) -> str:
         return self._key.kid
 
-    def jwks(self) -> dict[str, list[Mapping[str, Any]]]:
-        return {"keys": [self._key.public_jwk] if self._key.public_jwk else []}
+    @property
+    def key(self) -> SigningKey:
+        return self._key
 
-    def token_for(self, cache_key: bytes, identity: Identity, grants: Grants) -> str:
+    def jwks(self) -> dict[str, list[Mapping[str, Any]]]:
+        now = self._clock()
+        self._retired = [(jwk, until) for jwk, until in self._retired if now < until]
+        keys = [self._key.public_jwk] if self._key.public_jwk else []
+        keys += [jwk for jwk, _ in self._retired if jwk["kid"] != self._key.kid]
+        return {"keys": keys}
+
+    def rotate(self, key: SigningKey, config: JwtConfig) -> None:
+        """Sign with `key` (and `config`) from now on. The old public key stays in the JWKS
+        for one token lifetime, so upstreams still verify the tokens it signed; tokens minted
+        with it are not reused."""
+        old, lifetime = self._key, self._config.ttl
+        if old.public_jwk is not None and old.kid != key.kid:
+            self._retired.append((old.public_jwk, self._clock() + lifetime))
+        self._key, self._config = key, config
+        self.forget()
+
+    def token_for(
+        self, cache_key: bytes, identity: Identity, grants: Grants, audience: str | None = None
+    ) -> str:
+        """The JWT for an identity, its grants and an audience (None: `jwt.audience`)."""
+        if audience is None:
+            audience = self._config.audience
         now = self._clock()
         # Grants compare by identity and are memoised per (role, scopes) by the
         # mapper: a new mapping (a reload) yields new grants and so a new token.
         # The slot holds the grants itself, so a freed object's id is never reused.
-        slot = (cache_key, grants)
+        slot = (cache_key, grants, audience)
         try:
             cached = LRUCache.__getitem__(self._cache, slot)
         except KeyError:
@@ -135,7 +182,7 @@ class TokenMinter:
         ):
             self.reused += 1
             return cached[0]
-        token, exp, iat = self._sign(identity, grants, now)
+        token, exp, iat = self._sign(identity, grants, now, audience)
         refresh_at = exp - (exp - iat) * REFRESH_FRACTION
         self._cache[slot] = (token, refresh_at, _claimed(identity), identity)
         self.minted += 1
@@ -149,14 +196,16 @@ class TokenMinter:
         for slot in [s for s in self._cache if s[0] in cache_keys]:
             self._cache.pop(slot, None)
 
-    def _sign(self, identity: Identity, grants: Grants, now: float) -> tuple[str, float, float]:
+    def _sign(
+        self, identity: Identity, grants: Grants, now: float, audience: str
+    ) -> tuple[str, float, float]:
         iat = int(now)
         exp = iat + int(self._config.ttl)
         if identity.expires_at is not None:
             exp = min(exp, int(identity.expires_at))
         claims: dict[str, Any] = {
             "iss": self._config.issuer,
-            "aud": self._config.audience,
+            "aud": audience,
             "sub": identity.user_id,
             "iat": iat,
             "nbf": iat,

@@ -3,6 +3,11 @@
 It uses `./gateway.yaml` when present, else the same file shipped with the
 package, fills in throwaway secrets that are not set, creates a demo key and
 prints the `curl` lines to try. `--self-test` runs those requests itself.
+
+Nothing outlives the demo: its key lives in a database of its own, in a temporary
+directory removed on exit (a demo that fails to start leaves nothing either), so
+`serve` on the same config never trusts a demo key. Access and audit lines go to
+stderr or `--log-file`, never into the banner on stdout.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Final
@@ -33,8 +40,11 @@ DEMO_ROLE: Final = "operator"
 DEMO_SCOPES: Final = ("tools:execute",)
 
 
-def demo_config(path: str | None) -> Config:
+def demo_config(path: str | None, scratch: Path | None = None) -> Config:
     env = dict(os.environ)
+    if scratch is not None:
+        # The demo's own database (see `throwaway`): never one that `serve` trusts.
+        env["TOWER_GATEWAY_DB"] = str(scratch / "demo.db")
     # Throwaway secrets for this run only; a real deployment sets its own.
     env.setdefault("GATEWAY_JWT_SECRET", secrets.token_urlsafe(48))
     if not env.get("GATEWAY_ADMIN_TOKEN"):
@@ -50,6 +60,25 @@ def demo_config(path: str | None) -> Config:
 def _upstream_address(config: Config) -> tuple[str, int]:
     parts = urlsplit(config.routes[-1].upstream)
     return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def throwaway(config: Config, scratch: Path, args: argparse.Namespace) -> Config:
+    """The demo's config: its keys in `scratch`, its ports from the flags, its logs off stdout."""
+    assert config.tower.local is not None
+    local = replace(config.tower.local, db=str(scratch / "demo.db"), hash_secret=None)
+    config = replace(config, tower=replace(config.tower, local=local))
+    if args.port is not None:
+        config = replace(config, server=replace(config.server, port=args.port))
+    if args.ops_port is not None:
+        config = replace(config, ops=replace(config.ops, port=args.ops_port))
+    if args.upstream_port is not None:
+        host, port = _upstream_address(config)
+        old, new = f"//{host}:{port}", f"//{host}:{args.upstream_port}"
+        routes = tuple(replace(r, upstream=r.upstream.replace(old, new, 1)) for r in config.routes)
+        config = replace(config, routes=routes)
+    target = str(Path(args.log_file).resolve()) if args.log_file else "stderr"
+    log = replace(config.log, file=target, audit=target if config.log.audit is not None else None)
+    return replace(config, log=log)
 
 
 def create_demo_key(config: Config) -> str:
@@ -71,12 +100,16 @@ def create_demo_key(config: Config) -> str:
 def _banner(config: Config, key: str, admin_token: str | None) -> str:
     base = f"http://{config.server.host}:{config.server.port}"
     ops = f"http://{config.ops.host}:{config.ops.port}"
+    upstream_host, upstream_port = _upstream_address(config)
+    logs = config.log.file if config.log.file not in (None, "stderr") else "stderr"
     lines = [
         "tower-gateway demo is running (Ctrl-C to stop)",
-        f"  gateway   {base}",
-        f"  ops       {ops}   (metrics, health, admin)",
-        f"  tower     embedded, keys in {config.tower.local.db if config.tower.local else '-'}",
+        f"  gateway   {base}   (--port or GATEWAY_PORT)",
+        f"  ops       {ops}   (--ops-port or GATEWAY_OPS_PORT; metrics, health, admin)",
+        f"  upstream  http://{upstream_host}:{upstream_port}   (--upstream-port or DEMO_UPSTREAM)",
+        "  tower     embedded, keys in a throw-away database removed on exit",
         f"  demo key  user {DEMO_USER}, role {DEMO_ROLE}, scopes {', '.join(DEMO_SCOPES)}",
+        f"  logs      {logs}   (JSON access and audit lines; --log-file FILE)",
         "",
         "Try:",
         "  # 200: the upstream's echo, with the JWT it received decoded",
@@ -143,7 +176,7 @@ async def _run(config: Config, key: str, self_test: bool) -> int:
         GatewayRunner(
             gateway.proxy_app(), access_log=None, shutdown_timeout=config.server.shutdown_timeout
         ),
-        web.AppRunner(gateway.ops_app(), access_log=None),
+        GatewayRunner(gateway.ops_app(), access_log=None),
     ]
     addresses = [
         _upstream_address(config),
@@ -170,21 +203,24 @@ async def _run(config: Config, key: str, self_test: bool) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    # Everything the demo writes (its key database and hash secret) lives here and goes
+    # with it, whether it ran, failed to start or was interrupted.
+    with tempfile.TemporaryDirectory(prefix="tower-gateway-demo-") as scratch:
+        return _demo(args, Path(scratch))
+
+
+def _demo(args: argparse.Namespace, scratch: Path) -> int:
     try:
-        config = demo_config(args.config)
+        config = demo_config(args.config, scratch)
+        if config.tower.local is None:
+            raise ConfigError("tower.local", "the demo needs the embedded tower (tower.local.db)")
+        config = throwaway(config, scratch, args)
+        key = create_demo_key(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if config.tower.local is None:
-        print(
-            "error: tower.local: the demo needs the embedded tower (tower.local.db)",
-            file=sys.stderr,
-        )
-        return 2
-    key = create_demo_key(config)
     from gateway.runtime.serve import run
 
-    result = 1
     exit_code: list[int] = []
 
     async def main() -> None:
@@ -192,11 +228,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
     try:
         run(main())
-        result = exit_code[0] if exit_code else 1
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(
-            f"error: cannot listen: {exc.strerror or exc} (is another demo running?)",
+            f"error: cannot listen: {exc.strerror or exc} (is another demo running? "
+            "--port, --ops-port and --upstream-port move the demo's ports)",
             file=sys.stderr,
         )
         return 1
-    return result
+    return exit_code[0] if exit_code else 1

@@ -18,7 +18,7 @@ from typing import Final
 
 from aiohttp import web
 
-from gateway.config import Config, LocalTowerConfig, default_config_path, load_config
+from gateway.config import Config, LocalTowerConfig, default_config_path, load_sections
 from gateway.errors import ConfigError
 from gateway.tower.local import resolve_hash_secret
 from gateway.tower.records import KeyRecord, StoreError
@@ -40,7 +40,9 @@ class _Fail(Exception):
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, LocalTowerConfig]:
-    cfg = load_config(args.config or default_config_path())
+    # Only what these commands use: the embedded tower and the role map (for a warning);
+    # the gateway's JWT secret and the rest are neither needed nor checked here.
+    cfg = load_sections(args.config or default_config_path(), ("tower", "roles"))
     if cfg.tower.local is None:
         raise ConfigError("tower.local", "is not set: keys live in the embedded tower ({db: path})")
     return cfg, cfg.tower.local
@@ -221,10 +223,18 @@ async def _serve(store: KeyStore, cfg: Config, host: str, port: int) -> None:
 
 def _tower_serve(args: argparse.Namespace) -> int:
     cfg, local = _load(args)
+    # The credentials other gateways must present to this tower (their own TOWER_API_KEY
+    # and TOWER_SECRET).
     if not cfg.tower.api_key:
-        raise ConfigError("tower.api_key", "is not set (set it or TOWER_API_KEY)")
+        raise ConfigError(
+            "tower.api_key",
+            "is not set: export TOWER_API_KEY, the key other gateways must send to this tower",
+        )
     if not cfg.tower.secret:
-        raise ConfigError("tower.secret", "is not set (set it or TOWER_SECRET)")
+        raise ConfigError(
+            "tower.secret",
+            "is not set: export TOWER_SECRET, the secret other gateways must send to this tower",
+        )
     store = _open_store(local)
     try:
         asyncio.run(_serve(store, cfg, args.host, args.port))

@@ -42,11 +42,35 @@ def configure_logging(level: str = "INFO") -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+_TOKEN = "$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))')"
+
+# How to set what a config most often misses, printed after the error that names it.
+HINTS: dict[str, str] = {
+    "jwt.secret": (
+        f'export GATEWAY_JWT_SECRET="{_TOKEN}"  (at least 32 bytes; every replica and '
+        "every upstream that verifies the JWT needs the same value)"
+    ),
+    "tower.api_key": "export TOWER_API_KEY=... (the key your tower issued to this gateway)",
+    "tower.secret": "export TOWER_SECRET=... (the secret your tower issued to this gateway)",
+    "admin.token": (
+        f'export GATEWAY_ADMIN_TOKEN="{_TOKEN}"  (at least 16 characters; empty turns the '
+        "admin API off)"
+    ),
+}
+
+
+def report_config_error(exc: ConfigError) -> None:
+    print(f"error: {exc}", file=sys.stderr)
+    hint = HINTS.get(exc.path)
+    if hint is not None:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
 def load_or_exit(path: str) -> Config | None:
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_config_error(exc)
         return None
 
 
@@ -59,7 +83,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
         load_signing_key(config.jwt)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_config_error(exc)
         return EXIT_CONFIG
     print(summary(config))
     return 0
@@ -125,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="config to use (default: ./gateway.yaml, else the built-in default)",
     )
+    demo.add_argument("--port", type=int, help="the gateway's port (default: server.port)")
+    demo.add_argument("--ops-port", type=int, help="the ops listener's port (default: ops.port)")
+    demo.add_argument(
+        "--upstream-port", type=int, help="the demo upstream's port (default: from DEMO_UPSTREAM)"
+    )
+    demo.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="where access and audit lines go (default: stderr, never into the banner)",
+    )
     demo.add_argument(
         "--self-test",
         action="store_true",
@@ -134,9 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gateway.cli.explain import register as register_explain
     from gateway.cli.keys import register
+    from gateway.config.jsonschema import register as register_config
 
     register(sub)
     register_explain(sub)
+    register_config(sub)
     return parser
 
 

@@ -10,10 +10,11 @@ that test by name instead of quietly turning a check off.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Mapping
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import web, web_response
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
@@ -24,12 +25,16 @@ PINNED: Final = (
     ("RequestHandler", "_close"),  # closing after this request
     ("RequestHandler", "_force_close"),  # closing now
     ("RequestHandler", "_parser"),  # the connection's HTTP parser
+    ("RequestHandler", "_upgraded"),  # the connection is a WebSocket now
+    ("RequestHandler", "_waiter"),  # set while the connection waits for a request
+    ("RequestHandler", "_loop"),
     ("HttpRequestParserPy", "_payload_parser"),  # the body parser of the pure-Python one
     ("HttpPayloadParser", "_chunk_size"),  # bytes still due in the current chunk
     ("HttpPayloadParser", "payload"),  # the body being read
     ("Server", "_kwargs"),  # the keywords a Server passes to each RequestHandler
     ("Server", "_loop"),
     ("AppRunner", "_make_server"),  # the hook that builds a runner's Server
+    ("web_response", "SERVER_SOFTWARE"),  # the default `Server` header
 )
 
 
@@ -38,9 +43,25 @@ def closing(handler: RequestHandler) -> bool:
     return bool(handler._close or handler._force_close)
 
 
-def queued_messages(handler: RequestHandler) -> Sequence[tuple[object, object]]:
-    """The parsed requests waiting behind the current one, as (message, payload) pairs."""
-    messages: Sequence[tuple[object, object]] = handler._messages
+def upgraded(handler: RequestHandler) -> bool:
+    return bool(handler._upgraded)
+
+
+def idle(handler: RequestHandler) -> bool:
+    """Whether the connection is waiting for a request (none is in progress)."""
+    waiter = handler._waiter
+    return waiter is not None and not waiter.done()
+
+
+def handler_loop(handler: RequestHandler) -> asyncio.AbstractEventLoop:
+    loop: asyncio.AbstractEventLoop = handler._loop
+    return loop
+
+
+def queued_messages(handler: RequestHandler) -> deque[tuple[Any, Any]]:
+    """The parsed requests not handled yet, as (message, payload) pairs; the caller may
+    drop the newest ones."""
+    messages: deque[tuple[Any, Any]] = handler._messages
     return messages
 
 
@@ -67,3 +88,8 @@ def server_kwargs(server: web.Server) -> Mapping[str, Any]:
 def server_loop(server: web.Server) -> asyncio.AbstractEventLoop:
     loop: asyncio.AbstractEventLoop = server._loop
     return loop
+
+
+def set_server_software(name: str) -> None:
+    """The `Server` header aiohttp writes on every response that has none."""
+    web_response.SERVER_SOFTWARE = name  # type: ignore[attr-defined]

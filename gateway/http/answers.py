@@ -16,7 +16,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from gateway.errors import GatewayError
-from gateway.http.headers import REQUEST_ID
+from gateway.http.headers import NOSNIFF, REQUEST_ID
 
 _REQUEST_ID_OK: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -58,6 +58,7 @@ def error_response(exc: GatewayError, rid: str) -> web.Response:
     """The answer to a refused request: status, reason id, detail and the error's headers."""
     response = json_error(exc.status, exc.reason, exc.detail, headers=exc.headers)
     response.headers[REQUEST_ID] = rid
+    response.headers[NOSNIFF[0]] = NOSNIFF[1]
     if exc.close:
         response.force_close()
     return response

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import Final
+from urllib.parse import unquote
 
 from aiohttp import hdrs
 from multidict import CIMultiDict, istr
+
+from gateway.config import INTENT_HEADERS
 
 # The header the gateway keeps (when well formed) or assigns, on every answer and upstream request.
 REQUEST_ID: Final = istr("X-Request-Id")
 # Tells the upstream of a shadow route (`enforce: false`) what enforcement would have done.
 SHADOW_DECISION: Final = istr("X-Gateway-Shadow-Decision")
 MIN_SCRUBBED_KEY: Final = 8
+# On every response the gateway makes itself.
+NOSNIFF: Final = (istr("X-Content-Type-Options"), "nosniff")
 
 HOP_BY_HOP: Final = frozenset(
     {
@@ -71,6 +76,9 @@ IDENTITY_HEADERS: Final = frozenset(
     }
 )
 IDENTITY_PREFIXES: Final = ("x-auth-", "x-gateway-", "x-tower-")
+# How many times a value is %-decoded while looking for a key in it: an upstream
+# may decode a query or a cookie once, a framework behind it once more.
+MAX_DECODINGS: Final = 3
 
 
 def canonical(name: str) -> str:
@@ -84,7 +92,7 @@ class HeaderPolicy:
     __slots__ = ("_blocked",)
 
     def __init__(self, extra_blocked: Iterable[str]) -> None:
-        self._blocked = frozenset(HOP_BY_HOP | GATEWAY_SET | IDENTITY_HEADERS) | {
+        self._blocked = frozenset(HOP_BY_HOP | GATEWAY_SET | IDENTITY_HEADERS | INTENT_HEADERS) | {
             canonical(h) for h in extra_blocked
         }
 
@@ -120,12 +128,44 @@ class HeaderPolicy:
         # One search over all the values first: a key is seldom sent twice. A key
         # has no NUL, so no match spans two values.
         joined = "\0".join(headers.values())
-        if not any(key in joined for key in needles):
+        if not holds_key(joined, needles):
             return
-        kept = [(n, v) for n, v in headers.items() if not any(k in v for k in needles)]
+        kept = [(n, v) for n, v in headers.items() if not holds_key(v, needles)]
         if len(kept) != len(headers):
             headers.clear()
             headers.extend(kept)
+
+
+def holds_key(text: str, keys: Iterable[str]) -> bool:
+    """Whether `text` holds one of `keys`, as sent or %-encoded (any characters of it, in
+    either case, up to MAX_DECODINGS times over). A key has no space, so `+` needs no
+    decoding."""
+    for _ in range(MAX_DECODINGS + 1):
+        if any(key in text for key in keys):
+            return True
+        if "%" not in text:
+            return False
+        decoded = unquote(text)
+        if decoded == text:
+            return False
+        text = decoded
+    return False
+
+
+def query_holds_key(query: str, keys: Iterable[str]) -> bool:
+    """Whether a query string holds a key, under any parameter name: the upstream
+    gets no copy of it (`token=`, `access_token=`, a name spelled any way)."""
+    needles = [key for key in keys if len(key) >= MIN_SCRUBBED_KEY]
+    return bool(needles) and holds_key(query, needles)
+
+
+def forward_intent(
+    headers: CIMultiDict[str], client: Mapping[str, str], allowed: frozenset[str]
+) -> None:
+    """Adds back the request-intent headers a route's `forward_headers` lets through."""
+    for name, value in client.items():
+        if canonical(name) in allowed:
+            headers.add(name, value)
 
 
 def connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:

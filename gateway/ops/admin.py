@@ -26,7 +26,7 @@ from gateway.http.answers import json_error as _error
 from gateway.http.answers import json_response as _json
 from gateway.ops.audit import parse_limit
 from gateway.ops.explain import ExplainQuery, UnknownFingerprint
-from gateway.replicas.shared import revocation_webhook
+from gateway.replicas.webhook import revocation_webhook
 
 if TYPE_CHECKING:
     from gateway.ops.parts import OpsParts
@@ -43,6 +43,7 @@ SECRET_KEYS: Final = frozenset(
         "admin.token",
         "admin.webhook_secret",
         "cache.fingerprint_secret",
+        "cache.previous_fingerprint_secrets",
     }
 )
 _SECRET_NAME: Final = re.compile(r"secret|token|password|api_key|credential", re.IGNORECASE)

@@ -2,7 +2,8 @@
 
 `/admin/*` needs `Authorization: Bearer {admin.token}` (compared in constant
 time); with no admin token configured it does not exist (404). The cache
-endpoints are here; audit, config, explain and reload are in `gateway.ops.admin`.
+endpoints are here; audit, config, explain and reload are in `gateway.ops.admin`;
+`GET /admin/openapi.json` describes them all (`gateway.ops.openapi`).
 Every admin action, and every refused admin request, is an audit event.
 """
 
@@ -17,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.http.answers import json_error as _error
 from gateway.http.answers import json_response as _json
 from gateway.ops.admin import add_admin_routes, admin_client, audited_webhook
+from gateway.ops.openapi import OPENAPI_PATH, admin_openapi
 from gateway.ops.parts import OpsParts
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -103,4 +105,10 @@ def create_ops_app(parts: OpsParts) -> web.Application:
     app.router.add_delete("/admin/cache/{key_id}", admin(cache_drop))
     app.router.add_post("/admin/revocations", admin(audited_webhook(parts)))
     add_admin_routes(app, parts, admin)
+    document = admin_openapi()
+
+    async def openapi(_request: web.Request) -> web.Response:
+        return _json(document)
+
+    app.router.add_get(OPENAPI_PATH, admin(openapi))
     return app

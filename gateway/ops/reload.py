@@ -7,9 +7,12 @@ them, so it sees all of the old config or all of the new, never a mix.
 
 Live (applied at once): `routes`, `roles`, `capabilities`, `credentials`,
 `websocket`, `server.trusted_proxies`, `rate_limit.default_per_minute`,
-`log.level`. Everything else needs a restart: the listeners (`server.*`,
+`log.level`, and `jwt` with the signing key: the key file (or secret) is read on
+every reload, so a replaced file is a new key for new tokens at once, the old
+public key stays in the JWKS for one token lifetime and tokens it signed are no
+longer reused. Everything else needs a restart: the listeners (`server.*`,
 `ops`), the clients and caches built at start (`tower`, `cache`, `redis`,
-`rate_limit.backend`/`burst`), the signing key (`jwt`), the log sinks and
+`rate_limit.backend`/`burst`), the log sinks and
 `admin` (with `--workers`, the supervisor talks to its workers with the token
 they all started with). A reload that changes one of those applies the live
 keys, keeps the running values of the others and says which need a restart.
@@ -26,6 +29,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from gateway.auth.tokens import SigningKey, load_signing_key, same_key
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.ops.audit import AuditLog
@@ -43,6 +47,7 @@ LIVE_KEYS: Final = frozenset(
         "server.trusted_proxies",
         "rate_limit.default_per_minute",
         "log.level",
+        "jwt",
     }
 )
 
@@ -125,8 +130,9 @@ def shadow_routes(config: Config) -> list[str]:
 class Reloader:
     """Reloads one gateway from the file its config came from; keeps the last result.
 
-    `current` is the config in effect, `apply` swaps a new one in, `reopen_logs` reopens
-    the log files (logrotate), `audit` is the audit log in use.
+    `current` is the config in effect, `apply` swaps a new one in, `signing_key` is the
+    key in use and `rotate_key` replaces it, `reopen_logs` reopens the log files
+    (logrotate), `audit` is the audit log in use.
     """
 
     def __init__(
@@ -135,12 +141,16 @@ class Reloader:
         *,
         current: Callable[[], Config],
         apply: Callable[[Config], None],
+        signing_key: Callable[[], SigningKey],
+        rotate_key: Callable[[SigningKey, Config], None],
         reopen_logs: Callable[[], None],
         audit: Callable[[], AuditLog],
         metrics: Metrics,
     ) -> None:
         self._current = current
         self._apply = apply
+        self._signing_key = signing_key
+        self._rotate_key = rotate_key
         self._reopen_logs = reopen_logs
         self._audit = audit
         self._metrics = metrics
@@ -160,8 +170,15 @@ class Reloader:
                 raise ConfigError("", "the running config was not loaded from a file")
             loaded = load_config(self.path)
             effective, changed, restart = merge(self._current(), loaded)
+            # The key file's contents, not only its name: a replaced file is a new key.
+            key = load_signing_key(effective.jwt)
+            new_key = not same_key(key, self._signing_key())
+            if new_key and "jwt" not in changed:
+                changed += ("jwt",)
             if changed:
                 self._apply(effective)
+            if new_key or "jwt" in changed:
+                self._rotate_key(key, effective)
         except ConfigError as exc:
             result = ReloadResult(False, source, trigger, error=str(exc), error_path=exc.path)
             self._failed(result, client)

@@ -23,7 +23,7 @@ from gateway.auth.routes import Route
 from gateway.errors import GatewayError
 from gateway.http.answers import error_response, request_id
 from gateway.http.forwarded import add_forwarding, client_address
-from gateway.http.headers import REQUEST_ID, connection_tokens, is_upgrade
+from gateway.http.headers import REQUEST_ID, connection_tokens, forward_intent, is_upgrade
 from gateway.ops.accesslog import AccessLog, RequestRecord
 from gateway.ops.metrics import Metrics
 from gateway.proxy.forwarder import Forwarder
@@ -145,6 +145,8 @@ class ProxyListener:
         self._forwarder.check_length(request)
 
         headers = parts.headers.forwardable(headers_in, connection_tokens(headers_in))
+        if route.forward:
+            forward_intent(headers, headers_in, route.forward)
         parts.headers.scrub(headers, parts.extractor.candidates(headers_in))
         if route.config.websocket and is_upgrade(headers_in) and self.websockets is not None:
             original.upgrade = True

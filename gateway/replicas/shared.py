@@ -6,585 +6,51 @@ makes a replica behave as if there were no Redis (its own cache, the tower, loca
 is counted in `tower_gateway_redis_errors_total{op}`, and is logged at most once every
 LOG_INTERVAL seconds. Redis keys, all under `redis.key_prefix`:
 
-    id:<digest hex>    one shared answer, "<fresh_until ms>|<mac hex>|<json>"; expires at the
-                       entry's stale_until (never past the key's expires_at), or after
-                       cache.negative_ttl for a refusal. The digest is the keyed hash the local
-                       cache uses, never the key.
+    id:<digest hex>    one shared answer, "<fresh_until ms>|<fetched ms>|<mac hex>|<json>";
+                       expires at the entry's stale_until (never past the key's expires_at), or
+                       after cache.negative_ttl for a refusal. The digest is the keyed hash the
+                       local cache uses, never the key; <fetched ms> is Redis's clock when the
+                       tower call began; the MAC covers all of it and the digest.
     lock:<digest hex>  the replica calling the tower for that digest (SET NX PX, random token)
     kid:<key_id>       the digests cached for a key_id, so a revocation can find them
-    revoked:<key_id>   a tombstone as long as a tower call: answers fetched before the
-    revoked-all        revocation are not shared after it
-    revocations        the pub/sub channel: {"origin": replica, "key_ids": [...]} or "all"
+    revoked:<key_id>   the revocation's time (Redis's clock, ms), kept as long as any entry
+    revoked-all        fetched before it could live: such entries are never read, nor stored
+    revocations        the pub/sub channel: "<macs>|<json>", the JSON {"origin", "id", "ts",
+                       "at", "key_ids": [...] or "all": true}, signed with the shared secret
 
-The tower's revocation webhook (`POST /admin/revocations`) is verified here as well.
+Trust: whoever can write to Redis but holds none of the gateway's secrets can delete entries
+(more tower calls) and block sharing, but cannot forge an entry, move one to another key,
+bring back an entry revoked on a replica that heard the revocation, or send a revocation.
+Replicas remember the revocations they heard, so deleting the marker does not help either.
+
+The parts: `connection` (the client, fault handling, signing), `cache` (the shared level),
+`bus` (revocation messages) and `webhook` (the tower's `POST /admin/revocations`); `Replicas`
+here puts them behind one face for the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import hmac
-import json
-import logging
 import math
-import random
-import re
-import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
-from types import MappingProxyType
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import Final
 
 import redis.asyncio
-from aiohttp import web
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
-from gateway.auth.identity import Fetch, SharedEntry, entry_bounds
 from gateway.config import CacheConfig
-from gateway.errors import TowerFault
-from gateway.http.answers import json_error
-from gateway.tower import REJECTION_REASONS, Identity, Rejection
+from gateway.replicas.bus import Forget, RevocationBus
+from gateway.replicas.cache import SharedIdentityCache
+from gateway.replicas.connection import (
+    ADMIN_OP_TIMEOUT,
+    OP_TIMEOUT,
+    REDIS_FAULTS,
+    RedisFaults,
+)
 
-log = logging.getLogger("tower_gateway.shared")
-
-# A dead Redis must cost a request little: short socket timeouts, and each call on the
-# request path bounded again by OP_TIMEOUT.
-SOCKET_TIMEOUT: Final = 0.5
-OP_TIMEOUT: Final = 0.25
-# Revocations touch up to a thousand keys in one pipeline; they are rare and worth a wait.
-ADMIN_OP_TIMEOUT: Final = 2.0
-# After a failure the request path skips Redis this long, so an outage does not cost every
-# request a timeout. A successful re-subscription ends the pause at once.
-RETRY_INTERVAL: Final = 1.0
-LOG_INTERVAL: Final = 30.0
 # The lock outlives one tower call (tower.timeout) by this much.
 LOCK_MARGIN: Final = 0.5
-POLL_INTERVAL: Final = 0.015
-LISTEN_TIMEOUT: Final = 1.0
-PING_INTERVAL: Final = 10.0
-BACKOFF_START: Final = 0.1
-BACKOFF_MAX: Final = 2.0
-SCAN_COUNT: Final = 500
-REDIS_FAULTS: Final = (RedisError, OSError, TimeoutError)
-
-WEBHOOK_MAX_AGE: Final = 300
-WEBHOOK_MAX_KEY_IDS: Final = 1000
-MAX_KEY_ID_LENGTH: Final = 256
-SIGNATURE_HEADER: Final = "X-Signature"
-TIMESTAMP_HEADER: Final = "X-Signature-Timestamp"
-_TIMESTAMP: Final = re.compile(r"[0-9]{1,12}")
-_GLOB_SPECIAL: Final = re.compile(r"([*?\[\]\\])")
-
-# Claim a digest in one atomic round trip. KEYS: entry, lock. ARGV: lock token, lock ttl (ms),
-# the caller's now (ms). Returns {1, entry} for a fresh entry; otherwise tries the lock and
-# returns {2, entry or nil} when the caller now holds it, {0, entry or nil} when another does.
-# A stale entry comes back too: it may still be served if the tower fails.
-_CLAIM_LUA: Final = """
-local entry = redis.call('GET', KEYS[1])
-if entry then
-  local fresh = tonumber(string.match(entry, '^(%d+)|'))
-  if fresh and fresh > tonumber(ARGV[3]) then return {1, entry} end
-end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, entry} end
-return {0, entry}
-"""
-
-# Store an answer and release the lock. KEYS: entry, lock, revoked-all[, kid set, revoked:kid].
-# ARGV: value, ttl (ms), lock token, digest hex. A tombstone means a revocation happened while
-# this answer was being fetched: it is not shared. The kid set lives as long as its longest
-# entry.
-_PUT_LUA: Final = """
-local stored = 0
-if redis.call('EXISTS', KEYS[3]) == 0 and (#KEYS < 5 or redis.call('EXISTS', KEYS[5]) == 0) then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  if #KEYS == 5 then
-    redis.call('SADD', KEYS[4], ARGV[4])
-    if redis.call('PTTL', KEYS[4]) < tonumber(ARGV[2]) then
-      redis.call('PEXPIRE', KEYS[4], ARGV[2])
-    end
-  end
-  stored = 1
-end
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-return stored
-"""
-
-# Compare-and-delete: the token makes sure a replica whose lock expired (a slow tower call)
-# never releases the lock another replica has taken since.
-_RELEASE_LUA: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_FRESH: Final = 1
-_LEAD: Final = 2
-
-
-def redis_client(url: str) -> redis.asyncio.Redis:
-    """The one client a Gateway uses for everything shared (rate limits, cache, revocations)."""
-    return redis.asyncio.Redis.from_url(
-        url,
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=SOCKET_TIMEOUT,
-        # A pooled connection that died with a Redis restart reconnects at once.
-        retry=Retry(NoBackoff(), 1),
-    )
-
-
-class RedisFaults:
-    """Counts Redis failures, logs them sparingly, and pauses the request path after one."""
-
-    def __init__(
-        self,
-        on_error: Callable[[str], None] | None = None,
-        *,
-        retry_interval: float = RETRY_INTERVAL,
-        log_interval: float = LOG_INTERVAL,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._on_error = on_error
-        self._retry_interval = retry_interval
-        self._log_interval = log_interval
-        self._clock = clock
-        self._skip_until = -math.inf
-        self._logged_at = -math.inf
-        self._suppressed = 0
-        self.errors = 0
-
-    def record(self, op: str, exc: BaseException, *, pause: bool = True) -> None:
-        self.errors += 1
-        now = self._clock()
-        if pause:
-            self._skip_until = now + self._retry_interval
-        if self._on_error is not None:
-            try:
-                self._on_error(op)
-            except Exception:  # a broken metrics hook must not turn into a failed request
-                log.exception("redis error hook failed")
-        if now - self._logged_at >= self._log_interval:
-            more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
-            log.warning(
-                "redis %s failed (%s), continuing without it%s", op, type(exc).__name__, more
-            )
-            self._logged_at, self._suppressed = now, 0
-        else:
-            self._suppressed += 1
-
-    def skipping(self) -> bool:
-        """True while the request path should not even try Redis."""
-        return self._clock() < self._skip_until
-
-    def recovered(self) -> None:
-        self._skip_until = -math.inf
-
-
-@dataclass(slots=True)
-class SharedStats:
-    leads: int = 0
-    polls: int = 0
-    wait_timeouts: int = 0
-    writes: int = 0
-
-
-class SharedIdentityCache:
-    """The identity cache level replicas share (`gateway.auth.identity.SharedLevel`) on Redis.
-
-    A lookup claims the digest with one script: a fresh entry is the answer; otherwise the
-    first replica takes a short lock and calls the tower, and the others poll until its answer
-    appears, the lock is freed (its call failed: the next one takes over) or the lock's time
-    is up, when they call the tower themselves rather than wait on a replica that may be gone.
-    Entries carry an HMAC bound to their digest, so write access to Redis alone can neither
-    forge an identity nor move one to another key.
-    """
-
-    def __init__(
-        self,
-        client: redis.asyncio.Redis,
-        *,
-        prefix: str,
-        config: CacheConfig,
-        secret: bytes,
-        lock_ttl: float,
-        faults: RedisFaults,
-        clock: Callable[[], float] = time.time,
-        poll_interval: float = POLL_INTERVAL,
-    ) -> None:
-        self._client = client
-        self._prefix = prefix
-        self._config = config
-        self._secret = secret
-        self._lock_ttl = lock_ttl
-        self._faults = faults
-        self._clock = clock
-        self._poll = poll_interval
-        self._claim = client.register_script(_CLAIM_LUA)
-        self._put_script = client.register_script(_PUT_LUA)
-        self._release = client.register_script(_RELEASE_LUA)
-        self.stats = SharedStats()
-
-    # ------------------------------------------------------------------ lookups
-
-    async def load(self, digest: bytes, fetch: Fetch) -> SharedEntry | Identity | Rejection:
-        if self._faults.skipping():
-            return await fetch()
-        hexdigest = digest.hex()
-        token = secrets.token_hex(16)
-        holder: str | None = None
-        stale: SharedEntry | None = None
-        shared_ok = True
-        deadline = time.monotonic() + self._lock_ttl
-        try:
-            while True:
-                state, raw = await self._claim_once(hexdigest, token)
-                entry = self._decode(digest, raw) if raw is not None else None
-                if state == _FRESH:
-                    if entry is not None and not _expired(entry, self._clock()):
-                        return entry
-                    break  # unreadable or just expired: fetch without the lock
-                if entry is not None and isinstance(entry.answer, Identity):
-                    stale = entry
-                if state == _LEAD:
-                    holder = token
-                    self.stats.leads += 1
-                    break
-                if time.monotonic() >= deadline:
-                    self.stats.wait_timeouts += 1
-                    break
-                self.stats.polls += 1
-                await asyncio.sleep(self._poll)
-        except REDIS_FAULTS as exc:
-            self._faults.record("claim", exc)
-            shared_ok = False
-        try:
-            answer = await fetch()
-        except TowerFault as fault:
-            if holder is not None:
-                await self._unlock(hexdigest, holder)
-            if stale is not None and self._clock() < stale.stale_until:
-                return replace(stale, fault=fault)
-            raise
-        if shared_ok:
-            await self._put(digest, answer, holder)
-        return answer
-
-    async def _claim_once(self, hexdigest: str, token: str) -> tuple[int, bytes | None]:
-        now_ms = math.floor(self._clock() * 1000)
-        async with asyncio.timeout(OP_TIMEOUT):
-            reply = await self._claim(
-                keys=[self._key("id:", hexdigest), self._key("lock:", hexdigest)],
-                args=[token, math.ceil(self._lock_ttl * 1000), now_ms],
-            )
-        state, raw = int(reply[0]), reply[1] if len(reply) > 1 else None
-        return state, raw if isinstance(raw, bytes) else None
-
-    async def _unlock(self, hexdigest: str, token: str) -> None:
-        try:
-            async with asyncio.timeout(OP_TIMEOUT):
-                await self._release(keys=[self._key("lock:", hexdigest)], args=[token])
-        except REDIS_FAULTS as exc:
-            self._faults.record("unlock", exc)
-
-    # ------------------------------------------------------------------ writes
-
-    async def _put(self, digest: bytes, answer: Identity | Rejection, token: str | None) -> None:
-        now = self._clock()
-        hexdigest = digest.hex()
-        keys = [
-            self._key("id:", hexdigest),
-            self._key("lock:", hexdigest),
-            self._key("revoked-all"),
-        ]
-        payload: dict[str, Any]
-        if isinstance(answer, Rejection):
-            fresh_until = stale_until = now + self._config.negative_ttl
-            payload = {"reason": answer.reason}
-        else:
-            fresh_until, stale_until = entry_bounds(answer, now, self._config)
-            payload = {"stale_until": stale_until, "identity": _identity_json(answer)}
-            keys += [self._key("kid:", answer.key_id), self._key("revoked:", answer.key_id)]
-        value: bytes | None = None
-        if stale_until > now:
-            try:
-                value = self._encode(digest, fresh_until, payload)
-            except (TypeError, ValueError) as exc:  # metadata JSON cannot carry: not shared
-                self._faults.record("encode", exc, pause=False)
-        try:
-            async with asyncio.timeout(OP_TIMEOUT):
-                if value is not None:
-                    ttl_ms = max(1, math.ceil((stale_until - now) * 1000))
-                    stored = await self._put_script(
-                        keys=keys, args=[value, ttl_ms, token or "", hexdigest]
-                    )
-                    self.stats.writes += int(stored)
-                elif token is not None:
-                    await self._release(keys=[keys[1]], args=[token])
-        except REDIS_FAULTS as exc:
-            self._faults.record("put", exc)
-
-    # ------------------------------------------------------------------ revocation
-
-    async def forget(self, key_ids: Sequence[str] | None) -> None:
-        """Delete the shared entries of some key_ids (None: all). Raises on a Redis fault.
-
-        The tombstones go first, so an answer being fetched right now is not shared after the
-        entries are gone.
-        """
-        tomb_ms = math.ceil(self._lock_ttl * 1000)
-        client = self._client
-        if key_ids is None:
-            async with asyncio.timeout(ADMIN_OP_TIMEOUT):
-                await client.set(self._key("revoked-all"), b"1", px=tomb_ms)
-            for kind in ("id:", "kid:"):
-                pattern = _GLOB_SPECIAL.sub(r"\\\1", self._prefix + kind) + "*"
-                cursor = 0
-                while True:
-                    async with asyncio.timeout(ADMIN_OP_TIMEOUT):
-                        cursor, names = await client.scan(cursor, match=pattern, count=SCAN_COUNT)
-                        if names:
-                            await client.unlink(*names)
-                    if cursor == 0:
-                        break
-            return
-        if not key_ids:
-            return
-        async with asyncio.timeout(ADMIN_OP_TIMEOUT):
-            pipe = client.pipeline(transaction=True)
-            for key_id in key_ids:
-                pipe.set(self._key("revoked:", key_id), b"1", px=tomb_ms)
-                pipe.smembers(self._key("kid:", key_id))
-            replies = await pipe.execute()
-        names = [self._key("kid:", key_id) for key_id in key_ids]
-        for members in replies[1::2]:
-            names += [self._key("id:", m.decode("ascii", "replace")) for m in members]
-        async with asyncio.timeout(ADMIN_OP_TIMEOUT):
-            await client.unlink(*names)
-
-    # ------------------------------------------------------------------ encoding
-
-    def _key(self, kind: str, name: str = "") -> str:
-        return f"{self._prefix}{kind}{name}"
-
-    def _mac(self, digest: bytes, fresh_ms: bytes, body: bytes) -> bytes:
-        # Bound to the digest: an entry copied under another key's digest fails the check.
-        message = digest + b"|" + fresh_ms + b"|" + body
-        return hmac.new(self._secret, message, hashlib.sha256).hexdigest().encode()
-
-    def _encode(self, digest: bytes, fresh_until: float, payload: dict[str, Any]) -> bytes:
-        body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
-        fresh_ms = str(math.floor(fresh_until * 1000)).encode()
-        return b"|".join((fresh_ms, self._mac(digest, fresh_ms, body), body))
-
-    def _decode(self, digest: bytes, raw: bytes) -> SharedEntry | None:
-        try:
-            fresh_ms, mac, body = raw.split(b"|", 2)
-            if not hmac.compare_digest(mac, self._mac(digest, fresh_ms, body)):
-                raise ValueError("entry MAC does not match")
-            return _entry_from_json(json.loads(body), int(fresh_ms) / 1000)
-        except (ValueError, TypeError, KeyError, RecursionError) as exc:
-            self._faults.record("decode", exc, pause=False)
-            return None
-
-
-def _expired(entry: SharedEntry, now: float) -> bool:
-    return isinstance(entry.answer, Identity) and entry.answer.expired(now)
-
-
-def _identity_json(identity: Identity) -> dict[str, Any]:
-    return {
-        "key_id": identity.key_id,
-        "user_id": identity.user_id,
-        "role": identity.role,
-        "scopes": list(identity.scopes),
-        "expires_at": identity.expires_at,
-        "team": identity.team,
-        "rate_limit": identity.rate_limit,
-        "metadata": dict(identity.metadata),
-    }
-
-
-def _text(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise TypeError("expected a non-empty string")
-    return value
-
-
-def _number(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise TypeError("expected a finite number")
-    return float(value)
-
-
-def _entry_from_json(data: object, fresh_until: float) -> SharedEntry:
-    """The strict reading of a stored entry; anything unexpected raises (and is a miss)."""
-    if not isinstance(data, dict):
-        raise TypeError("entry is not an object")
-    if "reason" in data:
-        if data["reason"] not in REJECTION_REASONS:
-            raise ValueError("unknown refusal reason")
-        return SharedEntry(Rejection(data["reason"]), fresh_until, fresh_until)
-    raw = data["identity"]
-    if not isinstance(raw, dict):
-        raise TypeError("identity is not an object")
-    scopes, metadata = raw["scopes"], raw["metadata"]
-    if not isinstance(scopes, list) or not isinstance(metadata, dict):
-        raise TypeError("scopes or metadata malformed")
-    expires_at, team = raw["expires_at"], raw["team"]
-    identity = Identity(
-        key_id=_text(raw["key_id"]),
-        user_id=_text(raw["user_id"]),
-        role=_text(raw["role"]),
-        scopes=tuple(_text(s) for s in scopes),
-        expires_at=None if expires_at is None else _number(expires_at),
-        team=None if team is None else _text(team),
-        rate_limit=raw["rate_limit"],
-        metadata=MappingProxyType(metadata),
-    )
-    return SharedEntry(identity, fresh_until, _number(data["stale_until"]))
-
-
-# --------------------------------------------------------------------------- revocation bus
-
-
-Forget = Callable[[Sequence[str] | None], object]
-
-
-class RevocationBus:
-    """Publishes revocations and applies every other replica's, from a background task.
-
-    Pub/sub keeps nothing for a subscriber that is away, so a replica that (re)subscribes may
-    have missed revocations: it drops its whole local cache (`resync`) rather than serve an
-    identity revoked meanwhile. redis-py may reconnect and re-subscribe on its own, so every
-    subscribe confirmation counts, not only the ones after an error seen here.
-    """
-
-    def __init__(
-        self,
-        client: redis.asyncio.Redis,
-        *,
-        channel: str,
-        origin: str,
-        apply: Forget,
-        resync: Callable[[], object],
-        faults: RedisFaults,
-    ) -> None:
-        self._client = client
-        self._channel = channel
-        self._origin = origin
-        self._apply = apply
-        self._resync = resync
-        self._faults = faults
-        self._task: asyncio.Task[None] | None = None
-        self._confirmed = False
-        self._missed = False
-        self._delay = BACKOFF_START
-        self.connected = False
-        self.resyncs = 0
-        self.received = 0
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="tower-gateway-revocations")
-
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def publish(self, key_ids: Sequence[str] | None) -> None:
-        """Tell every replica; raises on a Redis fault."""
-        message: dict[str, Any] = {"origin": self._origin}
-        if key_ids is None:
-            message["all"] = True
-        else:
-            message["key_ids"] = list(key_ids)
-        async with asyncio.timeout(ADMIN_OP_TIMEOUT):
-            await self._client.publish(self._channel, json.dumps(message))
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self._listen()
-            except REDIS_FAULTS as exc:
-                self._faults.record("subscribe", exc)
-            except Exception:  # the listener must outlive any bug in one message
-                log.exception("revocation listener failed")
-            self.connected = False
-            self._missed = True
-            await asyncio.sleep(self._delay * random.uniform(0.5, 1.0))
-            self._delay = min(self._delay * 2, BACKOFF_MAX)
-
-    async def _listen(self) -> None:
-        pubsub = self._client.pubsub()
-        try:
-            await pubsub.subscribe(self._channel)
-            heard = pinged = time.monotonic()
-            while True:
-                message = await pubsub.get_message(timeout=LISTEN_TIMEOUT)
-                now = time.monotonic()
-                if message is None:
-                    # A half-open connection reads nothing forever: ask, and give up on it
-                    # when even a PING goes unanswered.
-                    if now - heard > 3 * PING_INTERVAL:
-                        raise RedisConnectionError("revocation channel went silent")
-                    if now - heard > PING_INTERVAL and now - pinged > PING_INTERVAL:
-                        pinged = now
-                        await pubsub.ping()
-                    continue
-                heard = now
-                kind = message.get("type")
-                if kind == "subscribe":
-                    self._subscribed()
-                elif kind == "message":
-                    self._received(message.get("data"))
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-
-    def _subscribed(self) -> None:
-        self._delay = BACKOFF_START
-        self._faults.recovered()
-        if self._confirmed or self._missed:
-            self.resyncs += 1
-            log.warning(
-                "revocation channel subscribed again: dropping the local cache, "
-                "revocations may have been missed"
-            )
-        # Also on the first subscription: what was cached before it (requests served while
-        # starting, or while Redis was down) may have been revoked unheard.
-        self._resync()
-        self._confirmed, self._missed, self.connected = True, False, True
-
-    def _received(self, data: object) -> None:
-        self.received += 1
-        try:
-            message = json.loads(data) if isinstance(data, bytes | str) else None
-            if not isinstance(message, dict):
-                raise TypeError("not an object")
-            if message.get("origin") == self._origin:
-                return  # applied here before it was published
-            key_ids: list[str] | None = None
-            if message.get("all") is not True:
-                key_ids = message.get("key_ids")
-                if not isinstance(key_ids, list) or not all(isinstance(k, str) for k in key_ids):
-                    raise TypeError("key_ids is not a list of strings")
-        except (TypeError, ValueError, RecursionError) as exc:
-            # An unreadable revocation still revokes something: drop the whole cache, as
-            # after missed messages.
-            self._faults.record("decode", exc, pause=False)
-            self._resync()
-            return
-        try:
-            self._apply(key_ids)
-        except Exception:
-            log.exception("applying a revocation failed")
 
 
 # --------------------------------------------------------------------------- the facade
@@ -600,7 +66,7 @@ class Replicas:
         *,
         prefix: str,
         config: CacheConfig,
-        secret: bytes,
+        keys: Sequence[bytes],
         lock_ttl: float,
         forget: Forget,
         drop_cache: Callable[[], object],
@@ -608,13 +74,15 @@ class Replicas:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
+        self._forget = forget
+        self._clock = clock
         self.origin = uuid.uuid4().hex
         self.faults = RedisFaults(on_error)
         self.cache = SharedIdentityCache(
             client,
             prefix=prefix,
             config=config,
-            secret=secret,
+            keys=keys,
             lock_ttl=lock_ttl,
             faults=self.faults,
             clock=clock,
@@ -626,6 +94,9 @@ class Replicas:
             apply=forget,
             resync=drop_cache,
             faults=self.faults,
+            keys=keys,
+            revocations=self.cache.revocations,
+            clock=clock,
         )
         self._pending: set[asyncio.Task[bool]] = set()
 
@@ -641,19 +112,22 @@ class Replicas:
         await self.bus.close()
 
     async def revoke(self, key_ids: Sequence[str] | None) -> bool:
-        """Delete the shared entries, then tell every replica (in that order, so no replica
-        copies an entry back after dropping it). False when Redis could not be told."""
+        """Mark the revocation and delete the shared entries, drop them here again, then tell
+        every replica, this one included (in that order: a request that read the shared entry
+        before the marker, and cached it here, loses it again; none can read it after).
+        False when Redis could not be told."""
+        if key_ids is not None and not key_ids:
+            return True
         try:
-            await self.cache.forget(key_ids)
+            at_ms = await self.cache.forget(key_ids)
+            ok = True
         except REDIS_FAULTS as exc:
             self.faults.record("revoke", exc)
-            ok = False
-        else:
-            ok = True
-        if key_ids is not None and not key_ids:
-            return ok
+            # Without Redis's clock, this replica's: the message still drops every copy.
+            at_ms, ok = math.floor(self._clock() * 1000), False
+        self._forget(key_ids)
         try:
-            await self.bus.publish(key_ids)
+            await self.bus.publish(key_ids, at_ms)
         except REDIS_FAULTS as exc:
             self.faults.record("publish", exc)
             return False
@@ -672,83 +146,3 @@ class Replicas:
         except REDIS_FAULTS as exc:
             self.faults.record("ping", exc, pause=False)
             return False
-
-
-# --------------------------------------------------------------------------- the webhook
-
-
-def parse_key_ids(message: dict[str, Any]) -> list[str]:
-    """`{"key_ids": [...]}`: at most WEBHOOK_MAX_KEY_IDS printable strings of at most
-    MAX_KEY_ID_LENGTH characters, duplicates dropped. Raises ValueError otherwise."""
-    key_ids = message.get("key_ids")
-    if not isinstance(key_ids, list) or len(key_ids) > WEBHOOK_MAX_KEY_IDS:
-        raise ValueError(f"key_ids must be a list of at most {WEBHOOK_MAX_KEY_IDS} strings")
-    for key_id in key_ids:
-        if (
-            not isinstance(key_id, str)
-            or not 0 < len(key_id) <= MAX_KEY_ID_LENGTH
-            or not key_id.isprintable()
-        ):
-            raise ValueError(f"each key_id must be 1-{MAX_KEY_ID_LENGTH} printable characters")
-    return list(dict.fromkeys(key_ids))
-
-
-def sign_webhook(secret: str, timestamp: str, body: bytes) -> str:
-    """The `X-Signature` value for a body sent at `timestamp` (epoch seconds)."""
-    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    return "sha256=" + mac.hexdigest()
-
-
-def verify_webhook(
-    secret: str, timestamp: str | None, signature: str | None, body: bytes, now: float
-) -> bool:
-    if timestamp is None or signature is None or not _TIMESTAMP.fullmatch(timestamp):
-        return False
-    # The timestamp is signed, so an old request cannot be made young: replays are bounded
-    # to this window (and a revocation repeated is harmless).
-    if abs(now - int(timestamp)) > WEBHOOK_MAX_AGE:
-        return False
-    expected = sign_webhook(secret, timestamp, body).encode()
-    # compare_digest: the time taken must not reveal how much of the signature matched.
-    return hmac.compare_digest(expected, signature.strip().encode("utf-8", "replace"))
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def revocation_webhook(
-    secret: str | None,
-    revoke: Callable[[Sequence[str]], Awaitable[int]],
-    *,
-    clock: Callable[[], float] = time.time,
-) -> Handler:
-    """`POST /admin/revocations` from the tower: a signed `{"key_ids": [...]}`, each revoked
-    here and on every replica. The admin bearer is checked by the caller; 404 without a
-    configured secret, 401 on a bad or stale signature, 400 on a malformed body."""
-
-    def error(status: int, code: str, detail: str) -> web.Response:
-        return json_error(status, code, detail)
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        if secret is None:
-            return error(404, "not_found", "revocation webhook disabled: no webhook secret")
-        body = await request.read()
-        headers = request.headers
-        if not verify_webhook(
-            secret, headers.get(TIMESTAMP_HEADER), headers.get(SIGNATURE_HEADER), body, clock()
-        ):
-            return error(401, "bad_signature", "missing, wrong or expired webhook signature")
-        try:
-            message = json.loads(body)
-        except (ValueError, RecursionError):
-            return error(400, "bad_request", "the body is not JSON")
-        try:
-            if not isinstance(message, dict):
-                raise ValueError("the body must be a JSON object")
-            key_ids = parse_key_ids(message)
-        except ValueError as exc:
-            return error(400, "bad_request", str(exc))
-        dropped = await revoke(key_ids)
-        return web.json_response({"revoked": len(key_ids), "dropped_entries": dropped})
-
-    return handler

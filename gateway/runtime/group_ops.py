@@ -156,10 +156,12 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
     answer being the first refusal or else the first reply, with each worker's
     reply listed under "workers".
     """
+    from gateway.http.server import listener_app
     from gateway.ops.audit import parse_limit
     from gateway.ops.listener import admin_guard
+    from gateway.ops.openapi import OPENAPI_PATH, admin_openapi
 
-    app = web.Application()
+    app = listener_app(web.Application(), group.config.server)
     app[GROUP] = group
     admin = admin_guard(group.config.admin.token)
 
@@ -342,6 +344,12 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
     app.router.add_post("/admin/revocations", admin(revocations))
     app.router.add_get("/admin/audit", admin(audit))
     app.router.add_get("/admin/workers", admin(workers))
+    document = admin_openapi(workers=True)
+
+    async def openapi(_request: web.Request) -> web.Response:
+        return _json(document)
+
+    app.router.add_get(OPENAPI_PATH, admin(openapi))
     app.router.add_post("/admin/explain", admin(first_answer))
     app.router.add_route(hdrs.METH_GET, "/admin/{tail:.*}", admin(first_answer))
     app.router.add_route(hdrs.METH_ANY, "/admin/{tail:.*}", admin(every_worker))

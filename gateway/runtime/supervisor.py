@@ -16,6 +16,7 @@ import tempfile
 from aiohttp import web
 
 from gateway.config import Config
+from gateway.http.server import GatewayRunner
 from gateway.runtime.group_ops import create_group_ops_app
 from gateway.runtime.serve import run
 from gateway.runtime.workers import WorkerGroup
@@ -68,7 +69,7 @@ def run_workers(
 
 async def _run_group(group: WorkerGroup) -> int:
     config = group.config
-    runner = web.AppRunner(create_group_ops_app(group), access_log=None, handle_signals=False)
+    runner = GatewayRunner(create_group_ops_app(group), access_log=None, handle_signals=False)
     await runner.setup()
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()

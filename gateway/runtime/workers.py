@@ -398,6 +398,3 @@ class WorkerGroup:
             worker_up.add_metric([str(slot.index)], 1.0 if up.get(slot.index) else 0.0)
             restarts.add_metric([str(slot.index)], slot.restarts)
         return [worker_up, restarts]
-
-
-# --------------------------------------------------------------------------- entry points

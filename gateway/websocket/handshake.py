@@ -62,7 +62,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.http.forwarded import add_forwarding
-from gateway.http.headers import REQUEST_ID, HeaderPolicy
+from gateway.http.headers import REQUEST_ID, HeaderPolicy, holds_key
 from gateway.ops.accesslog import RequestRecord
 from gateway.websocket.auth_message import BAD_AUTH_MESSAGE, auth_key
 from gateway.websocket.registry import (
@@ -81,6 +81,7 @@ from gateway.websocket.relay import (
     relay,
     send_error,
 )
+from gateway.websocket.upgrade import offered_protocols, origin, upstream_url
 
 log = logging.getLogger("tower_gateway.websocket")
 
@@ -153,12 +154,14 @@ class _Handshake:
     async def run(self, path: str, query: str, headers: CIMultiDict[str]) -> web.StreamResponse:
         request = self.request
         self._check_origin()
-        offered = _offered_protocols(request)
+        # A key a browser carries as a subprotocol is offered to no upstream, and so
+        # never chosen and echoed back either.
+        offered = offered_protocols(request, self.parts.extractor.candidates(request.headers))
         # Refuse a broken handshake before any tower call or upstream connection.
         if not web.WebSocketResponse(protocols=offered).can_prepare(request).ok:
             raise BadRequest("not a valid WebSocket handshake", reason="malformed_request")
         upstream_headers = self._upstream_headers(headers)
-        url = _upstream_url(self.route, path, query)
+        url = upstream_url(self.route, path, query)
         key = self.engine.key(self.original, self.parts) if self.route.config.auth else None
         if self.route.config.auth and key is None:
             return await self._first_message(url, upstream_headers, offered, path)
@@ -204,8 +207,8 @@ class _Handshake:
         origins = self.request.headers.getall(hdrs.ORIGIN, [])
         if not origins:
             return  # not a browser: Origin is what browsers send, others need not
-        permitted = {_origin(o) for o in allowed}
-        if len(origins) > 1 or _origin(origins[0]) not in permitted:
+        permitted = {origin(o) for o in allowed}
+        if len(origins) > 1 or origin(origins[0]) not in permitted:
             raise Forbidden("Origin not allowed", reason="origin_not_allowed")
 
     # ------------------------------------------------------------------ upstream
@@ -312,8 +315,15 @@ class _Handshake:
             await close(client, outcome)
             return client
         key, decision = outcome
-        # A browser that sends its key in the auth message may hold it in a cookie too.
+        # A browser that sends its key in the auth message may hold it in a cookie too,
+        # or offer it as a subprotocol (answered before the key was known): then the
+        # connection ends, and the upstream never sees it.
         HeaderPolicy.scrub(headers, (key,))
+        if client.ws_protocol is not None and holds_key(client.ws_protocol, (key,)):
+            ending = Ending(BAD_AUTH_MESSAGE, "a subprotocol holds the key", "key_in_subprotocol")
+            self._deny(ending)
+            await close(client, ending)
+            return client
         decision.upstream_headers(headers, self.config.jwt.header)
         try:
             upstream = await self._connect(url, headers, offered[:1])
@@ -324,10 +334,9 @@ class _Handshake:
             await close(client, ending)
             return client
         if client.ws_protocol is not None and upstream.protocol != client.ws_protocol:
+            # The reason names no protocol: a client's offer may hold anything.
             ending = Ending(
-                WSCloseCode.BAD_GATEWAY,
-                f"upstream refused subprotocol {client.ws_protocol}",
-                "subprotocol_mismatch",
+                WSCloseCode.BAD_GATEWAY, "upstream refused the subprotocol", "subprotocol_mismatch"
             )
             self._deny(ending)
             await asyncio.gather(close(client, ending), close(upstream, ending))
@@ -407,27 +416,3 @@ class _Handshake:
         self.registry.handshakes.labels(outcome).inc()
         if not self.refused:
             self.record.decision, self.record.reason = "error", outcome
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _offered_protocols(request: web.BaseRequest) -> tuple[str, ...]:
-    offered: list[str] = []
-    for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ()):
-        offered.extend(p.strip() for p in value.split(",") if p.strip())
-    return tuple(dict.fromkeys(offered))
-
-
-def _origin(value: str) -> str:
-    return value.strip().lower().rstrip("/")
-
-
-def _upstream_url(route: Route, path: str, query: str) -> URL:
-    origin = route.upstream_origin
-    scheme = "wss" if origin.startswith("https://") else "ws"
-    rest = origin.split("://", 1)[1]
-    return URL(
-        f"{scheme}://{rest}{route.upstream_base}{path}{'?' + query if query else ''}",
-        encoded=True,
-    )
