@@ -47,17 +47,17 @@ _BY_CHECK: Final[Mapping[Callable[..., Any], Mapping[str, Any]]] = {
     cfg._methods: {"items": {"pattern": "^[A-Z]+$"}},
     cfg._log_target: {"pattern": r"\S"},
     cfg._forward_headers: {
-        # The names of INTENT_HEADERS in any case (JSON Schema patterns have no flags).
+        # ECMA-262 patterns have no inline case flag: each letter gets its two cases.
         "items": {
-            "pattern": "^(?:"
+            "pattern": "^("
             + "|".join(
-                "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in name)
+                "".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in name)
                 for name in sorted(cfg.INTENT_HEADERS)
             )
             + ")$"
         }
     },
-    cfg._audience: {"pattern": r"^[\x21-\x7e]{1,256}$"},
+    cfg._audience: {"pattern": "^[\\x21-\\x7e]{1,256}$"},
 }
 # ... and, for checks written in place (lambdas, `_one_of`), by section and key.
 _BY_FIELD: Final[Mapping[tuple[type, str], Mapping[str, Any]]] = {
