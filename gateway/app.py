@@ -24,6 +24,7 @@ from gateway.auth.components import Components, build_components
 from gateway.auth.decide import DecisionEngine
 from gateway.auth.fingerprint import Fingerprinter, derive_secret
 from gateway.auth.identity import CacheStats, IdentityResolver
+from gateway.auth.quota import quota_counter
 from gateway.auth.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.auth.tokens import SigningKey, TokenMinter, load_signing_key, private_material
 from gateway.config import Config
@@ -281,6 +282,12 @@ class Gateway:
         else:
             limiter = MemoryRateLimiter(burst=settings.burst)
         self.engine.limiter = limiter
+        self.engine.quotas = quota_counter(
+            self._redis if settings.backend == "redis" else None,
+            prefix=self.config.redis.key_prefix,
+            clock=self.clock,
+            on_fallback=self.metrics.quota_fallbacks.inc,
+        )
         yield
         await limiter.close()
 

@@ -29,12 +29,14 @@ from typing import Final
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.auth import constraints as key_constraints
 from gateway.auth.capabilities import Grants
 from gateway.auth.clientguard import FailureThrottle, key_shape_ok
 from gateway.auth.components import Components
 from gateway.auth.credentials import has_query_key
 from gateway.auth.fingerprint import Fingerprinter
 from gateway.auth.identity import IdentityResolver, Resolved
+from gateway.auth.quota import QuotaCounter, QuotaDecision
 from gateway.auth.ratelimit import RateLimiter, effective_limit
 from gateway.auth.routes import Route, normalise_path
 from gateway.auth.tokens import TokenMinter
@@ -50,6 +52,7 @@ from gateway.http.headers import SHADOW_DECISION, query_holds_key
 from gateway.ops.accesslog import RequestRecord
 from gateway.ops.audit import AuditLog
 from gateway.ops.metrics import Metrics
+from gateway.tower.constraints import Quota
 
 ALLOW: Final = "allow"
 PUBLIC: Final = "public"
@@ -95,6 +98,7 @@ class Decision:
     grants: Grants | None = None
     token: str | None = None  # the JWT for the upstream; None when public, denied or a dry run
     per_minute: float | None = None  # the key's rate limit, when it has one
+    quota: QuotaDecision | None = None  # the key's quota, when it has one
 
     @property
     def forwarded(self) -> bool:
@@ -142,6 +146,7 @@ class DecisionEngine:
         self.audit = audit  # replaced by the composition root when its audit log is
         self.clock = clock
         self.limiter: RateLimiter | None = None  # set once the gateway has started
+        self.quotas: QuotaCounter | None = None  # likewise
 
     # ------------------------------------------------------------------ the way in
 
@@ -201,6 +206,7 @@ class DecisionEngine:
         shadow = not route.config.enforce and not request.upgrade
         # Identity -> grants -> policy -> rate limit -> JWT, in this one coroutine: it
         # runs for every request, and only a cache miss awaits another one.
+        quota: QuotaDecision | None = None
         try:
             key, resolved = self._cached(request, parts, credential)
             if resolved is None:
@@ -217,6 +223,22 @@ class DecisionEngine:
                 else None
             )
             would_deny: GatewayError | None = None
+            limits = identity.constraints
+            if limits.restricted:
+                try:
+                    key_constraints.check(
+                        limits, request.client, request.headers.get(hdrs.ORIGIN)
+                    )
+                except GatewayError as refused:
+                    if (
+                        limits.malformed is not None
+                        and not dry_run
+                        and key_constraints.report_malformed(resolved, record.fingerprint)
+                    ):
+                        self.metrics.malformed_constraints.inc()
+                    if not shadow or limits.malformed is not None:
+                        raise
+                    would_deny = refused
             missing = grants.missing(route.require)
             if missing is not None:
                 record.missing = missing
@@ -226,11 +248,26 @@ class DecisionEngine:
             headers: Mapping[str, str] | None = None
             limiter = self.limiter
             if limiter is not None and per_minute is not None:
-                bucket = resolved.digest.hex()
+                bucket = (
+                    resolved.digest.hex()
+                    if limits.scope == "key"
+                    else key_constraints.bucket(resolved)
+                )
                 limited = await (limiter.peek if dry_run else limiter.hit)(bucket, per_minute)
                 headers = limited.headers()
                 if not limited.allowed:
                     denial = RateLimited("Rate limit exceeded", headers=headers)
+                    if not shadow:
+                        raise denial
+                    would_deny = would_deny or denial
+            if limits.quota is not None and self.quotas is not None:
+                quota, headers = await self._quota(resolved, limits.quota, headers, dry_run)
+                if not quota.allowed:
+                    denial = RateLimited(
+                        f"Quota exceeded: {quota.limit} requests per {quota.period}",
+                        reason="quota_exceeded",
+                        headers=headers,
+                    )
                     if not shadow:
                         raise denial
                     would_deny = would_deny or denial
@@ -246,6 +283,7 @@ class DecisionEngine:
                 resolved=resolved if known else None,
                 grants=grants if known else None,
                 per_minute=per_minute if known else None,
+                quota=quota,
             )
         record.decision, record.reason = ALLOW, resolved.source
         token = (
@@ -259,7 +297,7 @@ class DecisionEngine:
                 self.audit.auth(record, decision=ALLOW, reason=None)
             return Decision(
                 ALLOW, resolved.source, 200, route, path, headers, None, resolved, grants, token,
-                per_minute,
+                per_minute, quota,
             )  # fmt: skip
         if not dry_run:
             self.metrics.count_auth(would_deny.reason)
@@ -268,7 +306,7 @@ class DecisionEngine:
         record.decision, record.reason = WOULD_DENY, would_deny.reason
         return Decision(
             WOULD_DENY, would_deny.reason, would_deny.status, route, path, headers, would_deny,
-            resolved, grants, token, per_minute,
+            resolved, grants, token, per_minute, quota,
         )  # fmt: skip
 
     def refused(
@@ -283,6 +321,7 @@ class DecisionEngine:
         resolved: Resolved | None = None,
         grants: Grants | None = None,
         per_minute: float | None = None,
+        quota: QuotaDecision | None = None,
     ) -> Decision:
         """The decision for a refused authentication (also one the caller refused before
         `decide` could look, as a malformed WebSocket auth message): counted and audited."""
@@ -309,7 +348,25 @@ class DecisionEngine:
             resolved=resolved,
             grants=grants,
             per_minute=per_minute,
+            quota=quota,
         )
+
+    async def _quota(
+        self,
+        resolved: Resolved,
+        quota: Quota,
+        headers: Mapping[str, str] | None,
+        dry_run: bool,
+    ) -> tuple[QuotaDecision, Mapping[str, str]]:
+        """Counts the request against the quota of the key (or of its user or team, by its
+        scope); the quota's headers added to the rate limit's."""
+        counter = self.quotas
+        assert counter is not None
+        bucket = key_constraints.bucket(resolved)
+        used = await (counter.peek if dry_run else counter.hit)(bucket, quota)
+        merged = dict(headers) if headers else {}
+        merged.update(used.headers())
+        return used, merged
 
     # ------------------------------------------------------------------ identity
 

@@ -14,9 +14,11 @@ request would be forwarded.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any, Final
 
+from aiohttp import hdrs
 from multidict import CIMultiDict
 
 from gateway.auth.decide import (
@@ -35,6 +37,13 @@ from gateway.tower import Identity
 
 # Explain's decisions: public routes are an allow, and every refusal a deny.
 EXPLAINED: Final = {ALLOW: ALLOW, PUBLIC: ALLOW, WOULD_DENY: WOULD_DENY}
+# A refusal by one of the key's own restrictions, and which one.
+CONSTRAINTS: Final = {
+    "ip_not_allowed": "allowed_ips",
+    "origin_not_allowed": "allowed_origins",
+    "quota_exceeded": "quota",
+    "key_misconfigured": "malformed",
+}
 MAX_FINGERPRINTS: Final = 100_000
 _FINGERPRINT_LENGTH: Final = 16  # Fingerprinter.short(): 8 bytes in hex
 _HTTP_METHOD_MAX: Final = 16
@@ -48,13 +57,16 @@ class ExplainQuery:
     fingerprint: str | None
     method: str
     path: str
+    # The request's client address and Origin, for keys restricted to some (CONTRACT 11).
+    client: str | None = None
+    origin: str | None = None
 
     @classmethod
     def parse(cls, body: Any) -> ExplainQuery:
         """Validate a decoded JSON body; raises `ValueError` with what is wrong."""
         if not isinstance(body, dict):
             raise ValueError("the body must be a JSON object")
-        unknown = set(body) - {"key", "fingerprint", "method", "path"}
+        unknown = set(body) - {"key", "fingerprint", "method", "path", "client", "origin"}
         if unknown:
             raise ValueError(f"unknown field: {sorted(unknown)[0]}")
         key, fingerprint = body.get("key"), body.get("fingerprint")
@@ -79,7 +91,20 @@ class ExplainQuery:
         path = body.get("path")
         if not isinstance(path, str) or not path:
             raise ValueError("path must be a non-empty string")
-        return cls(key, fingerprint, method.upper(), path)
+        client, origin = body.get("client"), body.get("origin")
+        if client is not None and not _is_address(client):
+            raise ValueError("client must be an IP address")
+        if origin is not None and (not isinstance(origin, str) or not origin.isprintable()):
+            raise ValueError("origin must be printable text")
+        return cls(key, fingerprint, method.upper(), path, client, origin)
+
+
+def _is_address(value: object) -> bool:
+    try:
+        ipaddress.ip_address(value)  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    return True
 
 
 class UnknownFingerprint(Exception):
@@ -134,7 +159,10 @@ class Explainer:
                 raise UnknownFingerprint(query.fingerprint)
             credential, fingerprint = Resolved(cached, found, "cache"), query.fingerprint
         raw_path, _, query_string = query.path.partition("?")
-        original = OriginalRequest(query.method, raw_path, query_string, CIMultiDict(), None)
+        headers: CIMultiDict[str] = CIMultiDict()
+        if query.origin is not None:
+            headers[hdrs.ORIGIN] = query.origin
+        original = OriginalRequest(query.method, raw_path, query_string, headers, query.client)
         record = RequestRecord("explain")
         decision = await engine.decide(original, record, credential=credential, dry_run=True)
         if isinstance(credential, Resolved) and decision.reason == "expired_key":
@@ -178,4 +206,17 @@ def _answer(
     }
     if resolved is not None:
         answer["source"] = resolved.source
+    # The key's own restriction that decides (CONTRACT 11), and its quota's count.
+    answer["constraint"] = CONSTRAINTS.get(reason)
+    quota = decision.quota
+    answer["quota"] = (
+        None
+        if quota is None
+        else {
+            "limit": quota.limit,
+            "period": quota.period,
+            "remaining": max(0, quota.remaining),
+            "reset_after": round(quota.reset_after, 3),
+        }
+    )
     return answer

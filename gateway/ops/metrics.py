@@ -210,6 +210,16 @@ class Metrics:
             "Rate-limit decisions made locally because Redis was unavailable",
             registry=registry,
         )
+        self.quota_fallbacks = Counter(
+            PREFIX + "quota_fallbacks",
+            "Quota decisions counted locally because Redis was unavailable",
+            registry=registry,
+        )
+        self.malformed_constraints = Counter(
+            PREFIX + "malformed_key_constraints",
+            "Tower answers whose key restrictions were malformed (the key refused)",
+            registry=registry,
+        )
         self.redis_errors = Counter(
             PREFIX + "redis_errors",
             "Redis errors and timeouts by operation; each was answered as if without Redis",

@@ -93,6 +93,8 @@ _EXPLAIN_QUERY: Final = {
         "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
         "method": {"type": "string", "default": "GET", "pattern": "^[A-Za-z]{1,32}$"},
         "path": {"type": "string", "minLength": 1},
+        "client": {"type": "string", "description": "the client's IP address"},
+        "origin": {"type": "string", "description": "the request's Origin header"},
     },
     "required": ["path"],
     "oneOf": [{"required": ["key"]}, {"required": ["fingerprint"]}],

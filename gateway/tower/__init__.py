@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 from gateway.errors import TowerFault
+from gateway.tower.constraints import NO_CONSTRAINTS, Constraints, parse_constraints
 
 # Epoch seconds beyond this are almost surely milliseconds (year 5138): refuse
 # rather than read them as a far-future expiry.
@@ -40,6 +41,8 @@ class Identity:
     rate_limit: object = None
     # Tower metadata other than team and rate_limit.
     metadata: Mapping[str, Any] = field(default_factory=lambda: _NO_METADATA)
+    # What the metadata restricts (CONTRACT section 11), parsed once per answer.
+    constraints: Constraints = NO_CONSTRAINTS
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -138,6 +141,7 @@ def parse_answer(status: int, body: object, *, now: float | None = None) -> Towe
         team=intern(team) if team is not None else None,
         rate_limit=metadata.get("rate_limit"),
         metadata=_extra_metadata(metadata),
+        constraints=parse_constraints(metadata),
     )
 
 
