@@ -1,4 +1,4 @@
-"""The `keys create|list|revoke|rotate` and `tower serve` commands of the embedded tower.
+"""`keys create|list|show|update|revoke|rotate` and `tower serve`: the embedded tower's commands.
 
 Exit codes: 0 done, 1 the key store refused the request, 2 a configuration problem.
 A raw key is printed once, on the last line of `create` and `rotate` output.
@@ -18,6 +18,13 @@ from typing import Final
 
 from aiohttp import web
 
+from gateway.cli.restrictions import (
+    CLEARED,
+    add_restriction_flags,
+    restriction_lines,
+    restriction_summary,
+    restrictions,
+)
 from gateway.config import Config, LocalTowerConfig, default_config_path, load_sections
 from gateway.errors import ConfigError
 from gateway.tower.local import resolve_hash_secret
@@ -96,6 +103,7 @@ def _describe(record: KeyRecord) -> list[str]:
         for name in ("team", "rate_limit")
         if record.metadata.get(name) is not None
     ]
+    fields += restriction_lines(record.metadata)
     return [f"{name + ':':<12}{value}" for name, value in fields]
 
 
@@ -124,6 +132,7 @@ def _create(args: argparse.Namespace) -> int:
             env=args.env,
             rate_limit=args.rate_limit,
             team=args.team,
+            metadata=restrictions(args),
         )
     finally:
         store.close()
@@ -147,7 +156,10 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_json() for r in records], indent=2))
         return 0
-    header = ("KEY_ID", "PREFIX", "USER", "ROLE", "SCOPES", "STATUS", "EXPIRES", "LAST_USED")
+    header = (
+        "KEY_ID", "PREFIX", "USER", "ROLE", "SCOPES", "STATUS", "EXPIRES", "LAST_USED", "USES",
+        "RESTRICTIONS",
+    )  # fmt: skip
     rows = [header] + [
         (
             r.key_id,
@@ -158,6 +170,8 @@ def _list(args: argparse.Namespace) -> int:
             r.state(),
             _when(r.expires_at),
             _when(r.last_used_at),
+            str(r.use_count),
+            restriction_summary(r.metadata),
         )
         for r in records
     ]
@@ -166,6 +180,41 @@ def _list(args: argparse.Namespace) -> int:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    _, local = _load(args)
+    store = _open_store(local)
+    try:
+        record = store.get(args.key_id)
+    finally:
+        store.close()
+    lines = [
+        *_describe(record),
+        f"{'state:':<12}{record.state()}",
+        f"{'created:':<12}{_when(record.created_at)}",
+        f"{'last_used:':<12}{_when(record.last_used_at)}",
+        f"{'uses:':<12}{record.use_count}",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    _, local = _load(args)
+    changes: dict[str, object] = dict(restrictions(args))
+    for flag, member in CLEARED.items():
+        if getattr(args, flag):
+            changes[member] = None
+    if not changes:
+        raise StoreError("nothing to update: give a restriction flag or a --clear-* flag")
+    store = _open_store(local)
+    try:
+        record = store.update_metadata(args.key_id, changes)
+    finally:
+        store.close()
+    print("\n".join(_describe(record)))
     return 0
 
 
@@ -281,12 +330,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="requests per minute for this key",
     )
     create.add_argument("--team", default=None, metavar="T")
+    add_restriction_flags(create)
     create.set_defaults(func=_guarded(_create))
 
     listing = keys_sub.add_parser("list", help="list keys (never shows a key)")
     _add_config(listing)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(func=_guarded(_list))
+
+    show = keys_sub.add_parser("show", help="one key's record and use (never the key)")
+    _add_config(show)
+    show.add_argument("key_id", metavar="KEY_ID")
+    show.set_defaults(func=_guarded(_show))
+
+    update = keys_sub.add_parser("update", help="change a key's restrictions")
+    _add_config(update)
+    update.add_argument("key_id", metavar="KEY_ID")
+    add_restriction_flags(update)
+    for flag in CLEARED:
+        update.add_argument("--" + flag.replace("_", "-"), action="store_true")
+    update.set_defaults(func=_guarded(_update))
 
     revoke = keys_sub.add_parser("revoke", help="refuse a key from now on")
     _add_config(revoke)

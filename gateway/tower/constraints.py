@@ -70,10 +70,9 @@ class Constraints:
     quota: Quota | None = None
     scope: str = "key"
     malformed: str | None = None
-
-    @property
-    def restricted(self) -> bool:
-        return self.ips is not None or self.origins is not None or self.malformed is not None
+    # Whether `check` has anything to check: a field, not a property, since every request
+    # reads it.
+    restricted: bool = False
 
 
 NO_CONSTRAINTS: Final = Constraints()
@@ -89,14 +88,17 @@ def parse_constraints(metadata: Mapping[str, Any]) -> Constraints:
     if not any(member in metadata for member in MEMBERS):
         return NO_CONSTRAINTS
     try:
+        ips = _ips(metadata.get("allowed_ips"))
+        origins = _origins(metadata.get("allowed_origins"))
         return Constraints(
-            ips=_ips(metadata.get("allowed_ips")),
-            origins=_origins(metadata.get("allowed_origins")),
+            ips=ips,
+            origins=origins,
             quota=_quota(metadata.get("quota")),
             scope=_scope(metadata.get("rate_limit_scope")),
+            restricted=ips is not None or origins is not None,
         )
     except _Malformed as exc:
-        return Constraints(malformed=str(exc))
+        return Constraints(malformed=str(exc), restricted=True)
 
 
 def _entries(raw: object, name: str) -> list[str] | None:

@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from gateway.tower import MAX_FIELD_LENGTH, MAX_SCOPES
+from gateway.tower.constraints import parse_constraints
 
 MIN_SECRET_BYTES: Final = 16
 
@@ -112,6 +113,10 @@ def clean_metadata(
         text_field(meta["team"], "team")
     if meta.get("rate_limit") is not None:
         number_field(meta["rate_limit"], "rate_limit", low=0, high=1e9, low_ok=False)
+    # The restrictions of CONTRACT section 11: stored only when the gateway can read them.
+    malformed = parse_constraints(meta).malformed
+    if malformed is not None:
+        raise StoreError(malformed)
     try:
         encoded = json.dumps(meta, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as exc:

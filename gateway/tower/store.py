@@ -215,6 +215,22 @@ class KeyStore:
             raise KeyNotFound(f"no key with id {key_id!r}")
         return record_from_row(rows[0])
 
+    def update_metadata(self, key_id: str, changes: Mapping[str, Any]) -> KeyRecord:
+        """Sets (or, with None, removes) metadata members of a key, checked as on `create`."""
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT metadata FROM api_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+            if row is None:
+                raise KeyNotFound(f"no key with id {key_id!r}")
+            meta = {**json.loads(row[0]), **changes}
+            meta = {name: value for name, value in meta.items() if value is not None}
+            conn.execute(
+                "UPDATE api_keys SET metadata = ? WHERE key_id = ?",
+                (clean_metadata(meta, team=None, rate_limit=None), key_id),
+            )
+        return self.get(key_id)
+
     def revoke(self, key_id: str, reason: str = "revoked") -> KeyRecord:
         """Refuse the key from now on; revoking twice keeps the first revocation."""
         reason = text_field(reason, "reason")
