@@ -42,6 +42,7 @@ from gateway.replicas.connection import redis_client
 from gateway.replicas.revoker import Revoker
 from gateway.replicas.shared import LOCK_MARGIN, Replicas
 from gateway.tower import Tower
+from gateway.tower.usage import UsageRecorder, UsageReporter, usage_sender
 from gateway.websocket.handshake import WebSockets
 from gateway.websocket.registry import SocketRegistry
 
@@ -126,6 +127,11 @@ class Gateway:
             metrics=self.metrics,
             access_log=access_log if access_log is not None else AccessLog.from_config(config),
         )
+        self.usage: UsageRecorder | None = None
+        if config.tower.usage_report is not None:
+            self.usage = UsageRecorder(max_keys=config.tower.usage_report.max_keys, clock=clock)
+            self.listener.usage = self.usage
+            self.metrics.usage_dropped.set_function(lambda: self.usage.dropped if self.usage else 0)
         self.listener.websockets = WebSockets(
             engine=self.engine, registry=self.sockets, sessions=self.forwarder.session
         )
@@ -291,6 +297,25 @@ class Gateway:
         yield
         await limiter.close()
 
+    async def _usage_ctx(self, _app: web.Application) -> AsyncIterator[None]:
+        settings = self.config.tower.usage_report
+        if settings is None or self.usage is None:
+            yield
+            return
+        send, close = usage_sender(self.config.tower, getattr(self.tower, "store", None))
+        reporter = UsageReporter(
+            self.usage,
+            send,
+            interval=settings.interval,
+            on_result=lambda ok: self.metrics.usage_reports.labels("ok" if ok else "failed").inc(),
+        )
+        reporter.start()
+        yield
+        try:
+            await reporter.close()
+        finally:
+            await close()
+
     async def _forwarder_ctx(self, _app: web.Application) -> AsyncIterator[None]:
         yield
         await self.forwarder.close()
@@ -319,6 +344,7 @@ class Gateway:
                 self._tower_ctx,
                 self._replicas_ctx,
                 self._limiter_ctx,
+                self._usage_ctx,
                 self._forwarder_ctx,
             ]
         )

@@ -42,7 +42,7 @@ def test_create_sets_every_restriction_and_the_tower_serves_them(
 
     assert run("keys", "list", "--config", str(config)) == 0
     table = capsys.readouterr().out
-    assert "RESTRICTIONS" in table and "USES" in table
+    assert "RESTRICTIONS" in table and "REQUESTS" in table
     assert "ips:2 origins:1 quota:1000/day scope:user" in table
 
     store.flush_usage()
@@ -50,7 +50,8 @@ def test_create_sets_every_restriction_and_the_tower_serves_them(
     shown = capsys.readouterr().out
     assert "ips:        10.0.0.0/8, 2001:db8::/32" in shown
     assert "quota:      1000/day" in shown and "scope:      user" in shown
-    assert "uses:       1" in shown and key[12:] not in shown
+    assert "validated:  1 times" in shown and key[12:] not in shown
+    assert "requests:   0 (none reported)" in shown
 
 
 def test_update_changes_and_clears_restrictions(

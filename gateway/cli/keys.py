@@ -151,13 +151,14 @@ def _list(args: argparse.Namespace) -> int:
     store = _open_store(local)
     try:
         records = store.list()
+        usage = store.usage()
     finally:
         store.close()
     if args.json:
         print(json.dumps([r.to_json() for r in records], indent=2))
         return 0
     header = (
-        "KEY_ID", "PREFIX", "USER", "ROLE", "SCOPES", "STATUS", "EXPIRES", "LAST_USED", "USES",
+        "KEY_ID", "PREFIX", "USER", "ROLE", "SCOPES", "STATUS", "EXPIRES", "LAST_USED", "REQUESTS",
         "RESTRICTIONS",
     )  # fmt: skip
     rows = [header] + [
@@ -170,7 +171,7 @@ def _list(args: argparse.Namespace) -> int:
             r.state(),
             _when(r.expires_at),
             _when(r.last_used_at),
-            str(r.use_count),
+            str(sum(usage.get(r.key_id, {}).values())),
             restriction_summary(r.metadata),
         )
         for r in records
@@ -188,14 +189,17 @@ def _show(args: argparse.Namespace) -> int:
     store = _open_store(local)
     try:
         record = store.get(args.key_id)
+        by_status = store.usage(args.key_id).get(args.key_id, {})
     finally:
         store.close()
+    statuses = ", ".join(f"{status}: {n}" for status, n in sorted(by_status.items()))
     lines = [
         *_describe(record),
         f"{'state:':<12}{record.state()}",
         f"{'created:':<12}{_when(record.created_at)}",
         f"{'last_used:':<12}{_when(record.last_used_at)}",
-        f"{'uses:':<12}{record.use_count}",
+        f"{'validated:':<12}{record.use_count} times",
+        f"{'requests:':<12}{sum(by_status.values())} ({statuses or 'none reported'})",
     ]
     print("\n".join(lines))
     return 0

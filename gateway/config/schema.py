@@ -166,6 +166,14 @@ class LocalTowerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageReportConfig:
+    """`tower.usage_report`: batched `POST {tower.url}/api/v1/usage` (CONTRACT section 11)."""
+
+    interval: float = _check(_positive, 10.0)  # seconds between reports, at most
+    max_keys: int = _check(_positive, 10_000)  # keys held between reports, at most
+
+
+@dataclass(frozen=True, slots=True)
 class TowerConfig:
     url: str | None = _check(_http_url, "http://127.0.0.1:9999")
     api_key: str | None = None
@@ -174,6 +182,7 @@ class TowerConfig:
     connect_timeout: float | None = _check(_positive, None)
     max_connections: int = _check(_positive, 100)
     local: LocalTowerConfig | None = None
+    usage_report: UsageReportConfig | None = None  # null: no usage reports
     # Resilience of the remote tower client (gateway/tower/resilient.py).
     retries: int = _check(_non_negative, 2)
     retry_backoff: float = _check(_non_negative, 0.05)  # first backoff cap; doubles per retry

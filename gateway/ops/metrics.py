@@ -220,6 +220,17 @@ class Metrics:
             "Tower answers whose key restrictions were malformed (the key refused)",
             registry=registry,
         )
+        self.usage_reports = Counter(
+            PREFIX + "usage_reports",
+            "Usage reports sent to the tower, by result (ok, failed: retried with the next)",
+            ["result"],
+            registry=registry,
+        )
+        self.usage_dropped = Gauge(
+            PREFIX + "usage_dropped",
+            "Key uses not reported because tower.usage_report.max_keys keys were waiting",
+            registry=registry,
+        )
         self.redis_errors = Counter(
             PREFIX + "redis_errors",
             "Redis errors and timeouts by operation; each was answered as if without Redis",

@@ -27,6 +27,7 @@ from gateway.http.headers import REQUEST_ID, connection_tokens, forward_intent, 
 from gateway.ops.accesslog import AccessLog, RequestRecord
 from gateway.ops.metrics import Metrics
 from gateway.proxy.forwarder import Forwarder
+from gateway.tower.usage import UsageRecorder
 
 log = logging.getLogger("tower_gateway")
 
@@ -86,6 +87,7 @@ class ProxyListener:
         self._metrics = metrics
         self.access_log = access_log  # replaced by the composition root when its log is
         self.websockets: Upgrades | None = None
+        self.usage: UsageRecorder | None = None  # with tower.usage_report
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
@@ -120,6 +122,9 @@ class ProxyListener:
         metrics.count_request(record.route, response.status)
         record.duration = time.perf_counter() - started
         self.access_log.write(request, record)
+        usage = self.usage
+        if usage is not None and record.key_id is not None:
+            usage.record(record.key_id, response.status)
         return response
 
     async def _pipeline(

@@ -1,4 +1,5 @@
-"""The embedded tower served over HTTP: `POST /api/v1/validate` for other gateways.
+"""The embedded tower served over HTTP: `POST /api/v1/validate` for other gateways, and
+`POST /api/v1/usage` for their usage reports (CONTRACT section 11).
 
 Speaks exactly the remote tower contract (CONTRACT section 3), so a gateway
 cannot tell it from any other tower.
@@ -20,12 +21,15 @@ from aiohttp import hdrs, web
 from gateway.http.answers import json_error
 from gateway.tower.local import flush_periodically
 from gateway.tower.store import KeyStore
+from gateway.tower.usage import USAGE_PATH, parse_report
 
 log = logging.getLogger(__name__)
 
 STORE: Final = web.AppKey("tower_store", KeyStore)
 MAX_REQUEST_BYTES: Final = 8192
 SECRET_HEADER: Final = "X-Tower-Secret"
+# A usage report of MAX_REPORT_KEYS keys with a few statuses each.
+MAX_USAGE_BYTES: Final = 4 * 1024 * 1024
 
 
 def _error(status: int, code: str, detail: str, **headers: str) -> web.Response:
@@ -38,13 +42,13 @@ def _same(given: str | None, expected: bytes) -> bool:
     return hmac.compare_digest((given or "").encode("utf-8", "surrogateescape"), expected)
 
 
-async def _read_bounded(request: web.Request) -> bytes | None:
-    """The body, or None when it is larger than MAX_REQUEST_BYTES."""
-    if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
+async def _read_bounded(request: web.Request, limit: int = MAX_REQUEST_BYTES) -> bytes | None:
+    """The body, or None when it is larger than `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit:
         return None
     body = bytearray()
-    while len(body) <= MAX_REQUEST_BYTES:
-        chunk = await request.content.read(MAX_REQUEST_BYTES + 1 - len(body))
+    while len(body) <= limit:
+        chunk = await request.content.read(limit + 1 - len(body))
         if not chunk:
             return bytes(body)
         body += chunk
@@ -86,6 +90,27 @@ def create_tower_app(
             return _error(500, "store_error", "the key store could not answer")
         return web.json_response(answer)
 
+    async def usage(request: web.Request) -> web.Response:
+        """A gateway's usage report (CONTRACT section 11), with the validate credentials."""
+        if not (
+            _same(request.headers.get(hdrs.AUTHORIZATION), expected_auth)
+            and _same(request.headers.get(SECRET_HEADER), expected_secret)
+        ):
+            return _error(401, "unauthorized", "wrong or missing tower credentials")
+        raw = await _read_bounded(request, MAX_USAGE_BYTES)
+        if raw is None:
+            return _error(400, "malformed_request", f"body over {MAX_USAGE_BYTES} bytes")
+        try:
+            entries = parse_report(json.loads(raw))
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _error(400, "malformed_request", str(exc))
+        try:
+            known = await asyncio.to_thread(request.app[STORE].record_usage, entries)
+        except sqlite3.Error as exc:
+            log.error("recording a usage report failed: %s", exc)
+            return _error(500, "store_error", "the key store could not record it")
+        return web.json_response({"recorded": known})
+
     async def healthz(request: web.Request) -> web.Response:
         if not request.app[STORE].ping():
             return _error(503, "store_unavailable", "the key store cannot be read")
@@ -106,5 +131,6 @@ def create_tower_app(
     app[STORE] = store
     app.cleanup_ctx.append(usage_flusher)
     app.router.add_post("/api/v1/validate", validate)
+    app.router.add_post(USAGE_PATH, usage)
     app.router.add_get("/healthz", healthz)
     return app

@@ -34,7 +34,7 @@ from gateway.tower.records import (
     text_field,
 )
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 
 # How long a writer waits for another process's transaction before giving up.
@@ -71,6 +71,16 @@ CREATE TABLE api_keys (
     rotated_to     TEXT,
     last_used_at   REAL,
     use_count      INTEGER NOT NULL DEFAULT 0
+)
+"""
+
+# Version 2: the requests gateways report (CONTRACT section 11), per key and status.
+_USAGE_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS key_usage (
+    key_id   TEXT NOT NULL,
+    status   TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    PRIMARY KEY (key_id, status)
 )
 """
 
@@ -118,11 +128,14 @@ class KeyStore:
                 self._switch_to_wal(conn)
             conn.execute("BEGIN IMMEDIATE")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} has schema {version}, newer than this program")
             if version == 0:
                 conn.execute(_SCHEMA)
+            if version < 2:
+                conn.execute(_USAGE_SCHEMA)
+            if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} has schema {version}, newer than this program")
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -337,6 +350,37 @@ class KeyStore:
                     self._usage[key_id] = (count + now_count, max(last, now_last))
             raise
         return len(pending)
+
+    def record_usage(self, entries: Iterable[Mapping[str, Any]]) -> int:
+        """Adds a gateway's usage report (`gateway.tower.usage.parse_report` entries) in one
+        transaction; entries of unknown keys are skipped. Returns how many keys were known."""
+        known = 0
+        with self._write() as conn:
+            for entry in entries:
+                key_id = entry["key_id"]
+                updated = conn.execute(
+                    "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?)"
+                    " WHERE key_id = ?",
+                    (entry["last_used_at"], key_id),
+                ).rowcount
+                if not updated:
+                    continue
+                known += 1
+                conn.executemany(
+                    "INSERT INTO key_usage (key_id, status, requests) VALUES (?, ?, ?)"
+                    " ON CONFLICT (key_id, status) DO UPDATE SET requests = requests + ?",
+                    [(key_id, st, n, n) for st, n in entry["statuses"].items()],
+                )
+        return known
+
+    def usage(self, key_id: str | None = None) -> dict[str, dict[str, int]]:
+        """Reported requests by key_id and status (all keys, or one)."""
+        sql = "SELECT key_id, status, requests FROM key_usage"
+        rows = self._read(sql + _BY_ID, (key_id,)) if key_id is not None else self._read(sql)
+        out: dict[str, dict[str, int]] = {}
+        for kid, status, requests in rows:
+            out.setdefault(kid, {})[status] = requests
+        return out
 
     def ping(self) -> bool:
         try:
