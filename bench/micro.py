@@ -260,6 +260,62 @@ def bench_auth(table: Table) -> None:
     loop.close()
 
 
+class RestrictedTower(InProcessTower):
+    """As InProcessTower, with CONTRACT 11 restrictions: 100 CIDR blocks and a quota."""
+
+    async def validate(self, api_key: str) -> TowerAnswer:
+        answer = await super().validate(api_key)
+        assert isinstance(answer, Identity)
+        metadata = {
+            "team": "blue",
+            "allowed_ips": [f"10.{i}.0.0/16" for i in range(99)] + ["203.0.113.0/24"],
+            "quota": {"limit": 10**12, "period": "day"},
+        }
+        return parse_answer(
+            200,
+            {"valid": True, "key_id": answer.key_id, "user_id": answer.user_id,
+             "role": answer.role, "scopes": list(answer.scopes), "metadata": metadata},
+        )  # fmt: skip
+
+
+def bench_decide(table: Table) -> None:
+    """`decide()` for a cached key, without restrictions and with 100 CIDRs and a quota."""
+    from gateway.auth.decide import OriginalRequest
+    from gateway.auth.quota import MemoryQuota
+    from gateway.ops.accesslog import AccessLog, RequestRecord
+    from gateway.ops.audit import AuditLog
+
+    headers = CIMultiDictProxy(CIMultiDict(TYPICAL_HEADERS))
+    request = OriginalRequest("GET", "/tools/read", "", headers, "203.0.113.7")
+    group = "decide(), cache hit (no rate limit, audit off)"
+    for name, tower in (
+        ("key without restrictions", InProcessTower()),
+        ("100 CIDRs + a quota (memory)", RestrictedTower()),
+    ):
+        gateway = Gateway(make_config(), tower=tower, registry=CollectorRegistry())
+        engine = gateway.engine
+        engine.quotas = MemoryQuota()
+        engine.audit = AuditLog(AccessLog(None, enabled=False))  # as with log.audit: null
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(gateway.resolver.resolve(KEY))
+        loop.close()
+
+        def decide(engine: Any = engine) -> object:
+            decision = run_sync(engine.decide(request, RequestRecord("bench")))
+            assert decision.outcome == "allow", decision.reason
+            return decision
+
+        table.time(group, name, decide, "the whole decision, JWT reused")
+    from gateway.tower.constraints import parse_constraints
+
+    limits = parse_constraints(
+        {"allowed_ips": [f"10.{i}.0.0/16" for i in range(99)] + ["203.0.113.0/24"]}
+    )
+    assert limits.ips is not None
+    ips = limits.ips
+    table.time(group, "  of which: the IP check (100 CIDRs)", lambda: ips.allows("203.0.113.7"))
+
+
 def bench_jwt(table: Table, folder: Path) -> None:
     key_files: dict[str, str | None] = {"HS256": None, **write_keys(folder)}
     for algorithm, key_file in key_files.items():
@@ -393,6 +449,7 @@ def main() -> None:
     table = Table(min_time=0.05 if args.quick else 0.1, rounds=5 if args.quick else 7)
     with tempfile.TemporaryDirectory(prefix="tower-gateway-micro-") as tmp:
         bench_auth(table)
+        bench_decide(table)
         bench_jwt(table, Path(tmp))
     bench_headers(table)
     bench_pipeline_pieces(table)

@@ -17,10 +17,9 @@ import asyncio
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
 
 import redis.asyncio
@@ -31,7 +30,9 @@ from gateway.tower.constraints import Quota
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+# Not `frozen`: built per request, and a frozen dataclass's __init__ pays an
+# object.__setattr__ per field. Never changed once built.
+@dataclass(slots=True)
 class QuotaDecision:
     """One quota answer: `used` counts this request (when it was counted)."""
 
@@ -57,17 +58,25 @@ class QuotaDecision:
 
 def period_window(period: str, now: float) -> tuple[str, float]:
     """The period's label and its end (epoch seconds), in UTC."""
+    start, end, label = _windows.get(period, _NO_WINDOW)
+    if start <= now < end:  # the common case: the period of the previous request
+        return label, end
     day = datetime.fromtimestamp(now, UTC)
     if period == "day":
-        start = day.replace(hour=0, minute=0, second=0, microsecond=0)
-        return start.strftime("%Y-%m-%d"), start.timestamp() + 86_400.0
-    start = day.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = (
-        start.replace(year=start.year + 1, month=1)
-        if start.month == 12
-        else start.replace(month=start.month + 1)
-    )
-    return start.strftime("%Y-%m"), end.timestamp()
+        first = day.replace(hour=0, minute=0, second=0, microsecond=0)
+        following = first + timedelta(days=1)
+        label = first.strftime("%Y-%m-%d")
+    else:
+        first = day.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        following = (first + timedelta(days=32)).replace(day=1)
+        label = first.strftime("%Y-%m")
+    _windows[period] = (first.timestamp(), following.timestamp(), label)
+    return label, following.timestamp()
+
+
+# The last window computed per period: datetime arithmetic once per period, not per request.
+_NO_WINDOW: Final = (math.inf, -math.inf, "")
+_windows: dict[str, tuple[float, float, str]] = {}
 
 
 def _decision(quota: Quota, used: int, end: float, now: float) -> QuotaDecision:
@@ -87,28 +96,27 @@ class QuotaCounter(Protocol):
 
 
 class MemoryQuota:
-    """Per-process counters; keeps at most `max_buckets`, dropping the least recently used."""
+    """Per-process counters; keeps at most `max_buckets`, dropping the least recently used.
+    A counter of a past period is read as zero (and replaced)."""
 
     def __init__(
         self, *, clock: Callable[[], float] = time.time, max_buckets: int = 100_000
     ) -> None:
         self._clock = clock
         self._max_buckets = max_buckets
-        self._counts: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._counts: dict[str, tuple[str, int]] = {}  # bucket -> (period label, used)
 
     def count(self, bucket: str, quota: Quota, *, add: int = 1) -> QuotaDecision:
+        """Counts `add` requests (0: only looks) and answers for the last one counted (or, when
+        only looking, for the next one)."""
         now = self._clock()
         label, end = period_window(quota.period, now)
-        name = f"{bucket}:{quota.period}:{label}"
-        _, used = self._counts.pop(name, (end, 0))
-        used += add
-        self._counts[name] = (end, used)
-        while len(self._counts) > self._max_buckets:
-            self._counts.popitem(last=False)
-        if self._counts:  # a counter of a past period is a fresh one: dropped when seen
-            oldest, (oldest_end, _) = next(iter(self._counts.items()))
-            if oldest_end <= now:
-                del self._counts[oldest]
+        counts = self._counts
+        entry = counts.pop(bucket, None)  # re-inserted below: the most recently used
+        used = entry[1] + add if entry is not None and entry[0] == label else add
+        counts[bucket] = (label, used)
+        if len(counts) > self._max_buckets:
+            del counts[next(iter(counts))]
         return _decision(quota, used + (1 - add), end, now)
 
     async def hit(self, bucket: str, quota: Quota) -> QuotaDecision:

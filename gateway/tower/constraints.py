@@ -20,6 +20,7 @@ import ipaddress
 from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass
+from socket import AF_INET, AF_INET6, inet_pton
 from typing import Any, Final
 
 MAX_ALLOWED: Final = 1024
@@ -27,6 +28,7 @@ MAX_QUOTA: Final = 10**12
 PERIODS: Final = ("day", "month")
 SCOPES: Final = ("key", "user", "team")
 MAX_ORIGIN_LENGTH: Final = 256
+_V4_MAPPED: Final = 0xFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,16 +49,20 @@ class IpRanges:
     def allows(self, address: str | None) -> bool:
         if address is None:
             return False
+        # inet_pton (C) rather than ipaddress.ip_address: a few times faster, and as strict.
         try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if ip.version == 6:
-            mapped = ip.ipv4_mapped
-            if mapped is not None:
-                ip = mapped
-        value = int(ip)
-        starts, ends = (self.starts4, self.ends4) if ip.version == 4 else (self.starts6, self.ends6)
+            value = int.from_bytes(inet_pton(AF_INET, address), "big")
+            starts, ends = self.starts4, self.ends4
+        except OSError:
+            try:
+                value = int.from_bytes(inet_pton(AF_INET6, address.split("%", 1)[0]), "big")
+            except (OSError, ValueError):
+                return False
+            if value >> 32 == _V4_MAPPED:  # ::ffff:a.b.c.d is the IPv4 client a.b.c.d
+                value &= 0xFFFFFFFF
+                starts, ends = self.starts4, self.ends4
+            else:
+                starts, ends = self.starts6, self.ends6
         i = bisect_right(starts, value) - 1
         return i >= 0 and value <= ends[i]
 
