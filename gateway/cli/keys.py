@@ -309,7 +309,7 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `keys create|list|revoke|rotate` and `tower serve` to a command line."""
+    """Add `keys create|list|show|update|revoke|rotate` and `tower serve` to a command line."""
     keys = subparsers.add_parser("keys", help="manage keys in the embedded local tower")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
 
