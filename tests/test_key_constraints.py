@@ -14,8 +14,9 @@ from gateway.auth.quota import MemoryQuota, period_window
 from gateway.http.headers import SHADOW_DECISION
 from gateway.tower import parse_answer
 from gateway.tower.constraints import NO_CONSTRAINTS, Constraints, Quota, parse_constraints
-from tests.conftest import FakeTower, GatewayFactory, Harness, tower_record
+from tests.conftest import ADMIN_TOKEN, FakeTower, GatewayFactory, Harness, tower_record
 from tests.redis_support import RedisServer
+from tests.test_explain import run_cli
 from tests.test_replica_processes import two_replicas
 from tests.test_replicas import replicas
 from tests.test_workers import StartGroup, start_group
@@ -363,3 +364,25 @@ async def test_explain_refuses_a_client_that_is_not_an_address(gw: Harness) -> N
         headers=gw.admin_headers(),
     )
     assert response.status == 400
+
+
+async def test_the_explain_command_names_the_restriction(
+    gw: Harness, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GATEWAY_ADMIN_TOKEN", raising=False)
+    gw.tower.add(
+        KEY,
+        key_id="k1",
+        user_id="u1",
+        role="operator",
+        allowed_ips=["10.0.0.0/8"],
+        quota={"limit": 5, "period": "month"},
+    )
+    common = ["--ops", str(gw.ops.make_url("")).rstrip("/"), "--admin-token", ADMIN_TOKEN]
+    argv = [*common, "--key", KEY, "--path", "/data"]
+    assert await run_cli([*argv, "--client", "192.0.2.1"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("DENY  GET /data  -> 403 ip_not_allowed")
+    assert "decided by   the key's allowed_ips restriction" in out
+    assert await run_cli([*argv, "--client", "10.1.1.1", "--origin", "https://a.example"]) == 0
+    assert "quota        4 of 5 left this month" in capsys.readouterr().out

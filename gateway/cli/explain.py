@@ -112,6 +112,11 @@ def report(answer: dict[str, Any]) -> str:
     if identity:
         limit = answer.get("rate_limit_per_minute")
         row("rate limit", f"{limit:g}/min (not evaluated)" if limit else "none")
+    quota = answer.get("quota")
+    if quota:
+        row("quota", f"{quota['remaining']} of {quota['limit']} left this {quota['period']}")
+    if answer.get("constraint"):
+        row("decided by", f"the key's {answer['constraint']} restriction")
     return "\n".join(lines)
 
 
@@ -135,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         body["key"] = key
     else:
         body["fingerprint"] = args.fingerprint
+    for name in ("client", "origin"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
     try:
         response = httpx.post(
             f"{url}/admin/explain",
@@ -172,6 +180,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     explain.add_argument("--method", default="GET", metavar="M")
     explain.add_argument("--path", required=True, metavar="P")
+    explain.add_argument("--client", default=None, metavar="IP", help="the client's address")
+    explain.add_argument("--origin", default=None, metavar="O", help="the request's Origin")
     explain.add_argument("--ops", default=None, metavar="URL", help="e.g. http://127.0.0.1:9091")
     explain.add_argument(
         "--admin-token", default=None, metavar="T", help=f"default: ${TOKEN_ENV}, admin.token"
