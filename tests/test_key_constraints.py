@@ -386,3 +386,17 @@ async def test_the_explain_command_names_the_restriction(
     assert "decided by   the key's allowed_ips restriction" in out
     assert await run_cli([*argv, "--client", "10.1.1.1", "--origin", "https://a.example"]) == 0
     assert "quota        4 of 5 left this month" in capsys.readouterr().out
+
+
+@pytest.mark.redis
+async def test_restrictions_survive_the_shared_cache_between_replicas(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    a = await make_gateway(redis={"url": redis_server.url}, **PROXY)
+    b = await make_gateway(redis={"url": redis_server.url}, **PROXY)
+    a.tower.add(KEY, key_id="k1", user_id="u1", role="operator", allowed_ips=["10.0.0.0/8"])
+    assert (await call(a, **{"X-Forwarded-For": "10.0.0.1"}))[0] == 200
+    status, body, _ = await call(b, **{"X-Forwarded-For": "192.0.2.1"})
+    assert (status, body["error"]) == (403, "ip_not_allowed")
+    assert (await call(b, **{"X-Forwarded-For": "10.0.0.2"}))[0] == 200
+    assert a.tower.calls.count(KEY) == 1  # b read the identity, restrictions and all, from Redis
