@@ -2,7 +2,8 @@
 
 `/admin/*` needs `Authorization: Bearer {admin.token}` (compared in constant
 time); with no admin token configured it does not exist (404). The cache
-endpoints are here; audit, config, explain and reload are in `gateway.admin`;
+endpoints are here; audit, config, explain and reload are in `gateway.admin`, the
+embedded tower's keys in `gateway.keys_api` and their page in `gateway.admin_ui`;
 `GET /admin/openapi.json` describes them all (`gateway.openapi`).
 Every admin action, and every refused admin request, is an audit event.
 """
@@ -20,6 +21,8 @@ from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.admin import add_admin_routes, admin_client, audited_webhook
+from gateway.admin_ui import add_ui_routes
+from gateway.keys_api import add_key_routes, key_store, no_store
 from gateway.openapi import OPENAPI_PATH, admin_openapi
 
 if TYPE_CHECKING:
@@ -108,7 +111,7 @@ def admin_guard(
 
 
 def create_ops_app(gateway: Gateway) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[no_store])
     app[OPS_GATEWAY] = gateway
     readiness = Readiness(gateway)
     token = gateway.config.admin.token
@@ -163,6 +166,8 @@ def create_ops_app(gateway: Gateway) -> web.Application:
     app.router.add_delete("/admin/cache/{key_id}", admin(cache_drop))
     app.router.add_post("/admin/revocations", admin(audited_webhook(gateway)))
     add_admin_routes(app, gateway, admin)
+    add_key_routes(app, gateway, admin)
+    add_ui_routes(app, enabled=token is not None and key_store(gateway) is not None)
     document = admin_openapi()
 
     async def openapi(_request: web.Request) -> web.Response:

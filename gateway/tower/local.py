@@ -81,6 +81,18 @@ class KeyNotFound(StoreError):
     """No key has the given key_id."""
 
 
+class FieldError(StoreError):
+    """A value the store refuses; `field` names it as the API and the CLI spell it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class KeyStateError(StoreError):
+    """The key's state forbids the change (rotating a revoked key, editing a rotated one)."""
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     """Everything stored about a key except its hash; safe to show."""
@@ -117,30 +129,32 @@ class KeyRecord:
         return data
 
 
-def _text(value: object, what: str) -> str:
+def _text(value: object, what: str, field: str | None = None) -> str:
     # The same limits `parse_answer` applies, so every stored key can be served.
     if not isinstance(value, str) or not value.strip():
-        raise StoreError(f"{what} must be a non-empty string")
+        raise FieldError(field or what, f"{what} must be a non-empty string")
     if len(value) > MAX_FIELD_LENGTH or not value.isprintable():
-        raise StoreError(f"{what} must be printable text of at most {MAX_FIELD_LENGTH} characters")
+        raise FieldError(
+            field or what, f"{what} must be printable text of at most {MAX_FIELD_LENGTH} characters"
+        )
     return value
 
 
 def _number(value: object, what: str, *, low: float, high: float, low_ok: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise StoreError(f"{what} must be a number")
+        raise FieldError(what, f"{what} must be a number")
     if value < low or (value == low and not low_ok) or value > high:
         bound = f">= {low:g}" if low_ok else f"> {low:g}"
-        raise StoreError(f"{what} must be {bound} and at most {high:g}, got {value:g}")
+        raise FieldError(what, f"{what} must be {bound} and at most {high:g}, got {value:g}")
     return float(value)
 
 
 def _scopes(scopes: Iterable[str]) -> builtins.list[str]:
-    if isinstance(scopes, str):
-        raise StoreError("scopes must be a list of strings, not one string")
-    cleaned = sorted({_text(s, "scope") for s in scopes})
+    if isinstance(scopes, str) or not isinstance(scopes, Iterable):
+        raise FieldError("scopes", "scopes must be a list of strings, not one string")
+    cleaned = sorted({_text(s, "scope", "scopes") for s in scopes})
     if len(cleaned) > MAX_SCOPES:
-        raise StoreError(f"at most {MAX_SCOPES} scopes")
+        raise FieldError("scopes", f"at most {MAX_SCOPES} scopes")
     return cleaned
 
 
@@ -159,9 +173,9 @@ def _metadata(
     try:
         encoded = json.dumps(meta, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as exc:
-        raise StoreError(f"metadata must be plain JSON: {exc}") from None
+        raise FieldError("metadata", f"metadata must be plain JSON: {exc}") from None
     if len(encoded) > MAX_METADATA_BYTES:
-        raise StoreError(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
+        raise FieldError("metadata", f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
     return encoded
 
 
@@ -304,7 +318,7 @@ class KeyStore:
             _metadata(metadata, team=team, rate_limit=rate_limit),
         )
         if env not in keyformat.ENVS:
-            raise StoreError(f"env must be one of {', '.join(keyformat.ENVS)}, got {env!r}")
+            raise FieldError("env", f"env must be one of {', '.join(keyformat.ENVS)}, got {env!r}")
         with self._write() as conn:
             raw, key_id = self._insert(conn, env, now, values)
         return raw, self.get(key_id)
@@ -341,9 +355,9 @@ class KeyStore:
             old = _record(row)
             state = old.state(now)
             if old.status == "rotated":
-                raise StoreError(f"key {key_id} was already rotated to {old.rotated_to}")
+                raise KeyStateError(f"key {key_id} was already rotated to {old.rotated_to}")
             if state != "active":
-                raise StoreError(f"key {key_id} is {state}; create a new key instead")
+                raise KeyStateError(f"key {key_id} is {state}; create a new key instead")
             values = (old.user_id, old.role, row[4], old.expires_at, row[8])
             raw, new_id = self._insert(conn, old.env, now, values)
             # The old key's answers carry the grace end as expires_at, so no
@@ -433,10 +447,115 @@ class KeyStore:
                 self._reader.close()
                 self._reader = None
 
+    def update(self, key_id: str, changes: Mapping[str, Any]) -> KeyRecord:
+        """Change a key's grants, expiry or limits in place (the key itself stays the same).
+
+        `changes` maps names of `UPDATABLE` to new values; None clears `expires_at` (never
+        expires), `rate_limit` (the gateway's default) and `team`. An expired key may be
+        extended; a revoked or rotated one cannot change.
+        """
+        now = time.time()
+        columns: dict[str, Any] = {}
+        meta_changes: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name == "role":
+                columns["role"] = _text(value, "role")
+            elif name == "scopes":
+                columns["scopes"] = json.dumps(_scopes(value))
+            elif name == "expires_at":
+                columns["expires_at"] = _expiry(value, now)
+            elif name in ("team", "rate_limit"):
+                meta_changes[name] = value
+            else:
+                raise FieldError(name, f"{name} cannot be changed")
+        with self._write() as conn:
+            row = conn.execute(_SELECT_RECORDS + _BY_ID, (key_id,)).fetchone()
+            if row is None:
+                raise KeyNotFound(f"no key with id {key_id!r}")
+            old = _record(row)
+            if old.status != "active":
+                raise KeyStateError(f"key {key_id} is {old.state(now)} and cannot be changed")
+            if meta_changes:
+                meta = {**old.metadata, **meta_changes}
+                columns["metadata"] = _metadata(
+                    {k: v for k, v in meta.items() if v is not None}, team=None, rate_limit=None
+                )
+            if columns:
+                # Column names come from the fixed branches above, never from the caller.
+                assignments = ", ".join(f"{name} = ?" for name in columns)
+                conn.execute(
+                    f"UPDATE api_keys SET {assignments} WHERE key_id = ?",  # noqa: S608
+                    (*columns.values(), key_id),
+                )
+        return self.get(key_id)
+
+    def count(self, query: KeyQuery | None = None) -> int:
+        where, params = _where(query or KeyQuery())
+        # `where` is built by `_where` from fixed clauses; every value is a parameter.
+        rows = self._read("SELECT COUNT(*) FROM api_keys" + where, params)  # noqa: S608
+        return int(rows[0][0])
+
     # Defined last: inside the class body, `list` names this method from here on.
-    def list(self) -> builtins.list[KeyRecord]:
-        rows = self._read(_SELECT_RECORDS + " ORDER BY created_at, key_id")
-        return [_record(row) for row in rows]
+    def list(self, query: KeyQuery | None = None) -> builtins.list[KeyRecord]:
+        """Keys in creation order; `query` filters and pages them."""
+        query = query or KeyQuery()
+        where, params = _where(query)
+        sql = _SELECT_RECORDS + where + " ORDER BY created_at, key_id"
+        if query.limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params += (query.limit, query.offset)
+        return [_record(row) for row in self._read(sql, params)]
+
+
+def _expiry(value: object, now: float) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise FieldError("expires_at", "expires_at must be epoch seconds or null")
+    if not now < value <= now + DAY * MAX_DAYS:
+        raise FieldError("expires_at", "expires_at must be in the future, within 100 years")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyQuery:
+    """Which keys `KeyStore.list` returns: exact user and role, one state, a page."""
+
+    user_id: str | None = None
+    role: str | None = None
+    state: str | None = None  # one of STATES
+    limit: int | None = None
+    offset: int = 0
+    now: float | None = None
+
+
+# The effective states of `KeyRecord.state`, as SQL over (status, expires_at).
+STATES: Final = MappingProxyType(
+    {
+        "active": "status = 'active' AND (expires_at IS NULL OR expires_at > ?)",
+        "rotated": "status = 'rotated' AND (expires_at IS NULL OR expires_at > ?)",
+        "expired": "status != 'revoked' AND expires_at IS NOT NULL AND expires_at <= ?",
+        "revoked": "status = 'revoked'",
+    }
+)
+
+
+def _where(query: KeyQuery) -> tuple[str, tuple[Any, ...]]:
+    clauses: builtins.list[str] = []
+    params: builtins.list[Any] = []
+    if query.user_id is not None:
+        clauses.append("user_id = ?")
+        params.append(query.user_id)
+    if query.role is not None:
+        clauses.append("role = ?")
+        params.append(query.role)
+    if query.state is not None:
+        if query.state not in STATES:
+            raise FieldError("status", f"status must be one of {', '.join(STATES)}")
+        clauses.append(STATES[query.state])
+        if "?" in STATES[query.state]:
+            params.append(time.time() if query.now is None else query.now)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
 
 
 def resolve_hash_secret(cfg: LocalTowerConfig) -> bytes:
