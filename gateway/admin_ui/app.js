@@ -11,6 +11,8 @@
   const TOKEN_KEY = "tower-gateway.admin-token";
   const PAGE_SIZE = 50;
   const AUDIT_EVENTS = 12;
+  // The page's own reads would crowd out everything else: they are left out of the list.
+  const QUIET_ACTIONS = new Set(["keys_list", "key_show"]);
   const STATUSES = new Set(["active", "rotating", "expired", "revoked"]);
   // Where a refused create field is typed, to put the focus back on it.
   const CREATE_INPUTS = {
@@ -80,7 +82,7 @@
     if (seconds === null || seconds === undefined) {
       return never || "never";
     }
-    return new Date(seconds * 1000).toISOString().slice(0, 16).replace("T", " ") + " UTC";
+    return new Date(seconds * 1000).toISOString().slice(0, 16).replace("T", " ");
   }
 
   function el(tag, text, className) {
@@ -120,7 +122,15 @@
     for (const id of ["keys-body", "audit-body", "roles"]) {
       clear($(id));
     }
-    $("keys-count").textContent = "";
+    for (const id of ["keys-count", "revoke-text", "rotate-text", "extend-text", "cache-ratio",
+      "cache-detail"]) {
+      $(id).textContent = "";
+    }
+    for (const form of document.querySelectorAll("form")) {
+      form.reset();
+    }
+    state.filters = {};
+    state.offset = 0;
     showApp(false);
     say(message || "", message ? "error" : "info");
     $("token").focus();
@@ -233,8 +243,8 @@
       status.appendChild(el("div", `→ ${key.rotated_to}`, "muted mono small"));
     }
     row.appendChild(status);
-    row.appendChild(el("td", when(key.expires_at)));
-    row.appendChild(el("td", when(key.last_used_at, "–")));
+    row.appendChild(el("td", when(key.expires_at), "when"));
+    row.appendChild(el("td", when(key.last_used_at, "–"), "when"));
     row.appendChild(el("td", key.requests, "num"));
     const actions = el("td", null, "row-actions");
     // Only changes the store accepts for the key's state are offered.
@@ -276,16 +286,17 @@
   async function loadAudit() {
     let answer;
     try {
-      answer = await call("GET", `audit?limit=${AUDIT_EVENTS}`);
+      answer = await call("GET", `audit?limit=${AUDIT_EVENTS * 5}`);
     } catch (error) {
       failed(error);
       return;
     }
     const body = $("audit-body");
     clear(body);
-    for (const event of answer.events) {
+    const shown = answer.events.filter((e) => !(e.event === "admin" && QUIET_ACTIONS.has(e.action)));
+    for (const event of shown.slice(0, AUDIT_EVENTS)) {
       const row = document.createElement("tr");
-      row.appendChild(el("td", when(event.ts)));
+      row.appendChild(el("td", when(event.ts), "when"));
       const name = event.event === "admin" ? event.action : `${event.event} ${event.decision || ""}`;
       row.appendChild(el("td", name, "mono small"));
       row.appendChild(el("td", event.outcome, event.outcome === "failure" ? "bad" : "good"));
@@ -360,6 +371,7 @@
 
   function openDialog(id, key, text, opener) {
     state.target = { key, opener };
+    $(id).querySelector("form").reset(); // each time the defaults, not the last key's values
     $(`${id.replace("confirm-", "")}-text`).textContent = text;
     $(id).showModal();
   }
