@@ -161,6 +161,8 @@ async def test_rotation_issues_a_new_key_and_the_old_one_obeys_its_grace_at_once
     status, refused = await call(gw, "POST", f"/admin/keys/{old['key_id']}/rotate", {})
     assert status == 409 and refused["error"] == "conflict"
     assert "already rotated" in refused["detail"]
+    status, refused = await call(gw, "PATCH", f"/admin/keys/{old['key_id']}", {"role": "admin"})
+    assert status == 409 and "cannot be changed" in refused["detail"]
 
 
 async def test_an_update_applies_at_once_and_an_expired_key_can_be_extended(
