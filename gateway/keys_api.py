@@ -99,9 +99,15 @@ async def read_json(request: web.Request) -> Any:
     """The request's JSON body, bounded; a form or any other type is refused."""
     if request.content_type != JSON_TYPE:
         raise ApiError(415, "unsupported_media_type", f"the body must be {JSON_TYPE}", "body")
-    body = await request.content.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
-        raise ApiError(413, "body_too_large", f"at most {MAX_BODY} bytes", "body")
+    too_large = ApiError(413, "body_too_large", f"at most {MAX_BODY} bytes", "body")
+    if (request.content_length or 0) > MAX_BODY:
+        raise too_large
+    body = bytearray()
+    # Chunk by chunk: one `read(n)` may return less than a body that arrives in pieces.
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise too_large
     try:
         return json.loads(body, object_pairs_hook=_reject_duplicates)
     except (ValueError, RecursionError):

@@ -7,10 +7,12 @@ made through the API are used against the proxy listener.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +314,22 @@ async def test_bad_bodies_and_queries_are_refused(gw: Harness) -> None:
         assert response.headers[hdrs.CACHE_CONTROL] == "no-store"
     assert [r.key_id for r in store_of(gw).list()] == [key_id]
     assert store_of(gw).get(key_id).status == "active"
+
+
+async def test_a_body_sent_in_chunks_is_read_whole_and_bounded(gw: Harness) -> None:
+    async def pieces(data: bytes, size: int) -> AsyncIterator[bytes]:
+        for start in range(0, len(data), size):
+            yield data[start : start + size]
+            await asyncio.sleep(0.01)
+
+    headers = {**ADMIN, "Content-Type": "application/json"}
+    body = json.dumps({"user_id": "chunky", "role": "admin", "scopes": ["s"] * 50}).encode()
+    response = await gw.ops.post("/admin/keys", data=pieces(body, 16), headers=headers)
+    assert response.status == 201, await response.text()
+    huge = json.dumps({"user_id": "u", "role": "admin", "team": "t" * MAX_BODY}).encode()
+    response = await gw.ops.post("/admin/keys", data=pieces(huge, 4096), headers=headers)
+    assert response.status == 413
+    assert [r.user_id for r in store_of(gw).list()] == ["chunky"]
 
 
 async def test_unknown_key_ids_are_404_without_echoing_them(gw: Harness) -> None:

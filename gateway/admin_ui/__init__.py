@@ -14,7 +14,7 @@ framing), `no-store`, `nosniff` and `Referrer-Policy: no-referrer`.
 
 from __future__ import annotations
 
-from importlib.resources import files
+from pathlib import Path
 from typing import Final
 
 from aiohttp import hdrs, web
@@ -41,14 +41,16 @@ HEADERS: Final = {
 }
 
 
-def _read(name: str) -> bytes:
-    return files(__name__).joinpath(name).read_bytes()
+# Read when the module is imported: a process that drops privileges after loading the
+# package (as the container image's user does) can still serve them.
+_HERE: Final = Path(__file__).resolve().parent
+_PAGE: Final = (_HERE / "index.html").read_bytes()
+_ASSETS: Final = {name: ((_HERE / name).read_bytes(), kind) for name, kind in ASSETS.items()}
 
 
 def add_ui_routes(app: web.Application, *, enabled: bool) -> None:
     """`GET /admin/ui` and `GET /admin/ui/{asset}`; 404 when not `enabled`."""
-    page = _read("index.html")
-    assets = {name: (_read(name), kind) for name, kind in ASSETS.items()}
+    page, assets = _PAGE, _ASSETS
 
     def answer(body: bytes, kind: str) -> web.Response:
         return web.Response(body=body, content_type=kind, charset="utf-8", headers=HEADERS)
