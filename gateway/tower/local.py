@@ -150,8 +150,10 @@ def _number(value: object, what: str, *, low: float, high: float, low_ok: bool) 
 
 
 def _scopes(scopes: Iterable[str]) -> builtins.list[str]:
-    if isinstance(scopes, str) or not isinstance(scopes, Iterable):
+    if isinstance(scopes, str):
         raise FieldError("scopes", "scopes must be a list of strings, not one string")
+    if not isinstance(scopes, Iterable):
+        raise FieldError("scopes", "scopes must be a list of strings")
     cleaned = sorted({_text(s, "scope", "scopes") for s in scopes})
     if len(cleaned) > MAX_SCOPES:
         raise FieldError("scopes", f"at most {MAX_SCOPES} scopes")
@@ -450,8 +452,9 @@ class KeyStore:
     def update(self, key_id: str, changes: Mapping[str, Any]) -> KeyRecord:
         """Change a key's grants, expiry or limits in place (the key itself stays the same).
 
-        `changes` maps names of `UPDATABLE` to new values; None clears `expires_at` (never
-        expires), `rate_limit` (the gateway's default) and `team`. An expired key may be
+        `changes` maps `role`, `scopes`, `expires_at`, `rate_limit` or `team` to its new
+        value; None clears `expires_at` (never expires), `rate_limit` (the gateway's
+        default) and `team`. An expired key may be
         extended; a revoked or rotated one cannot change.
         """
         now = time.time()
