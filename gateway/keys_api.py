@@ -22,13 +22,15 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
 
 from aiohttp import hdrs, web
 
 from gateway import keys_ops
 from gateway.admin import admin_client
+from gateway.audit import AuditLog
 from gateway.tower.local import (
     FieldError,
     KeyNotFound,
@@ -37,9 +39,6 @@ from gateway.tower.local import (
     LocalTower,
     StoreError,
 )
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 log = logging.getLogger("tower_gateway.keys")
 
@@ -80,10 +79,19 @@ async def no_store(request: web.Request, handler: Handler) -> web.StreamResponse
     return response
 
 
-def key_store(gateway: Gateway) -> KeyStore | None:
-    """The embedded tower's store, when this gateway runs one (`tower.local`)."""
-    tower = gateway.tower
+def local_store(tower: object) -> KeyStore | None:
+    """The embedded tower's store, when the gateway's tower is one (`tower.local`)."""
     return tower.store if isinstance(tower, LocalTower) else None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyApiParts:
+    """What the key API reaches, handed in by the ops listener."""
+
+    store: KeyStore | None  # None without the embedded tower: every route answers 404
+    audit: Callable[[], AuditLog]  # the audit log in use
+    revoke: Callable[[Sequence[str]], Awaitable[int]]  # drop cached identities, replicas too
+    roles: Callable[[], Mapping[str, str]]  # the `roles` map in effect
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -116,12 +124,11 @@ async def read_json(request: web.Request) -> Any:
 
 
 def add_key_routes(
-    app: web.Application, gateway: Gateway, admin: Callable[[Handler], Handler]
+    app: web.Application, parts: KeyApiParts, admin: Callable[[Handler], Handler]
 ) -> None:
     """Mount the key API on an ops app; the routes exist even without a local tower (then
     they answer 404), so the OpenAPI document is the same for every config."""
-    store = key_store(gateway)
-    audit = gateway.audit
+    store = parts.store
 
     def operation(
         action: str, run: Callable[[web.Request, KeyStore], Awaitable[web.Response]]
@@ -149,7 +156,7 @@ def add_key_routes(
                 log.error("key store error during %s: %s", action, exc)
                 error = ApiError(503, "store_unavailable", "the key store cannot answer now")
             key_id = request.match_info.get("key_id")
-            audit.admin(
+            parts.audit().admin(
                 action,
                 client=client,
                 ok=False,
@@ -173,14 +180,14 @@ def add_key_routes(
             log.warning("key usage flush before a read failed: %s", exc)
 
     async def forget(key_id: str) -> int:
-        dropped: int = await gateway.revoke_key_ids([key_id])
+        dropped: int = await parts.revoke([key_id])
         return dropped
 
     async def list_keys(request: web.Request, store: KeyStore) -> web.Response:
         query = keys_ops.parse_query(request.query)
         await flushed(store)
         records, total = await asyncio.to_thread(keys_ops.list_keys, store, query)
-        audit.admin(
+        parts.audit().admin(
             "keys_list",
             client=admin_client(request),
             user_id=query.user_id,
@@ -200,7 +207,7 @@ def add_key_routes(
     async def create(request: web.Request, store: KeyStore) -> web.Response:
         new = keys_ops.parse_create(await read_json(request))
         raw, record = await asyncio.to_thread(keys_ops.create_key, store, new)
-        audit.admin(
+        parts.audit().admin(
             "key_create",
             client=admin_client(request),
             key_id=record.key_id,
@@ -208,7 +215,7 @@ def add_key_routes(
             role=record.role,
         )
         answer: dict[str, Any] = {"key": raw, "record": keys_ops.key_json(record)}
-        if record.role not in gateway.config.roles:
+        if record.role not in parts.roles():
             answer["warning"] = (
                 f"role {record.role!r} is not mapped in `roles`: the gateway will refuse this key"
             )
@@ -218,7 +225,7 @@ def add_key_routes(
         key_id = request.match_info["key_id"]
         await flushed(store)
         record = await asyncio.to_thread(store.get, key_id)
-        audit.admin("key_show", client=admin_client(request), key_id=key_id)
+        parts.audit().admin("key_show", client=admin_client(request), key_id=key_id)
         return _json({"record": keys_ops.key_json(record), "usage": keys_ops.usage_json(record)})
 
     async def update(request: web.Request, store: KeyStore) -> web.Response:
@@ -226,7 +233,7 @@ def add_key_routes(
         changes = keys_ops.parse_update(await read_json(request))
         record = await asyncio.to_thread(keys_ops.update_key, store, key_id, changes)
         dropped = await forget(key_id)
-        audit.admin(
+        parts.audit().admin(
             "key_update", client=admin_client(request), key_id=key_id, changed=sorted(changes)
         )
         return _json({"record": keys_ops.key_json(record), "dropped_entries": dropped})
@@ -236,7 +243,9 @@ def add_key_routes(
         reason = keys_ops.parse_revoke(await read_json(request))
         record = await asyncio.to_thread(keys_ops.revoke_key, store, key_id, reason)
         dropped = await forget(key_id)
-        audit.admin("key_revoke", client=admin_client(request), key_id=key_id, dropped=dropped)
+        parts.audit().admin(
+            "key_revoke", client=admin_client(request), key_id=key_id, dropped=dropped
+        )
         return _json({"record": keys_ops.key_json(record), "dropped_entries": dropped})
 
     async def rotate(request: web.Request, store: KeyStore) -> web.Response:
@@ -246,7 +255,7 @@ def add_key_routes(
         # The old key's cached identity carries its old expiry: the next request reads the
         # grace end instead.
         dropped = await forget(key_id)
-        audit.admin(
+        parts.audit().admin(
             "key_rotate",
             client=admin_client(request),
             key_id=key_id,

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.admin import add_admin_routes, admin_client, audited_webhook
 from gateway.admin_ui import add_ui_routes
-from gateway.keys_api import add_key_routes, key_store, no_store
+from gateway.keys_api import KeyApiParts, add_key_routes, local_store, no_store
 from gateway.openapi import OPENAPI_PATH, admin_openapi
 
 if TYPE_CHECKING:
@@ -166,8 +166,15 @@ def create_ops_app(gateway: Gateway) -> web.Application:
     app.router.add_delete("/admin/cache/{key_id}", admin(cache_drop))
     app.router.add_post("/admin/revocations", admin(audited_webhook(gateway)))
     add_admin_routes(app, gateway, admin)
-    add_key_routes(app, gateway, admin)
-    add_ui_routes(app, enabled=token is not None and key_store(gateway) is not None)
+    store = local_store(gateway.tower)
+    key_parts = KeyApiParts(
+        store=store,
+        audit=lambda: gateway.audit,
+        revoke=gateway.revoke_key_ids,
+        roles=lambda: gateway.config.roles,
+    )
+    add_key_routes(app, key_parts, admin)
+    add_ui_routes(app, enabled=token is not None and store is not None)
     document = admin_openapi()
 
     async def openapi(_request: web.Request) -> web.Response:

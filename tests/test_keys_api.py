@@ -23,7 +23,7 @@ from aiohttp import hdrs
 
 from gateway import keys_ops
 from gateway.admin_ui import CSP
-from gateway.keys_api import MAX_BODY, key_store
+from gateway.keys_api import MAX_BODY, local_store
 from gateway.tower.local import KeyStore
 from tests.conftest import ADMIN_TOKEN, JWT_SECRET, GatewayFactory, Harness, until
 from tests.redis_support import RedisServer
@@ -41,7 +41,7 @@ async def gw(make_gateway: GatewayFactory, tmp_path: Path) -> Harness:
 
 
 def store_of(harness: Harness) -> KeyStore:
-    store = key_store(harness.gateway)
+    store = local_store(harness.gateway.tower)
     assert store is not None
     return store
 

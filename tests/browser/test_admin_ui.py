@@ -34,7 +34,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
-from gateway.keys_api import key_store
+from gateway.keys_api import local_store
 from gateway.tower.local import KeyStore
 from tests.conftest import ADMIN_TOKEN, GatewayFactory
 
@@ -287,7 +287,7 @@ async def test_an_operator_manages_keys_in_the_browser(
     make_gateway: GatewayFactory, chrome: webdriver.Chrome, tmp_path: Path
 ) -> None:
     harness = await make_gateway(tower={"local": {"db": str(tmp_path / "keys.db")}})
-    store = key_store(harness.gateway)
+    store = local_store(harness.gateway.tower)
     assert store is not None
     operator = Operator(
         chrome,
