@@ -21,7 +21,7 @@
   };
 
   const $ = (id) => document.getElementById(id);
-  const state = { offset: 0, total: 0, filters: {}, target: null };
+  const state = { offset: 0, total: 0, filters: {}, target: null, loads: 0 };
 
   class ApiError extends Error {
     constructor(status, body) {
@@ -197,12 +197,16 @@
         query.set(name, value);
       }
     }
+    const load = ++state.loads;
     let answer;
     try {
       answer = await call("GET", `keys?${query}`);
     } catch (error) {
       failed(error);
       return;
+    }
+    if (load !== state.loads) {
+      return; // a newer listing (other filters, another page) was asked for meanwhile
     }
     state.total = answer.total;
     const body = $("keys-body");
