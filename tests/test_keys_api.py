@@ -21,10 +21,10 @@ import pytest
 import redis.asyncio
 from aiohttp import hdrs
 
-from gateway import keys_ops
-from gateway.admin_ui import CSP
-from gateway.keys_api import MAX_BODY, local_store
-from gateway.tower.local import KeyStore
+from gateway.ops.admin_ui import CSP
+from gateway.ops.keys_api import MAX_BODY, local_store
+from gateway.tower import keys_ops
+from gateway.tower.store import KeyStore
 from tests.conftest import ADMIN_TOKEN, JWT_SECRET, GatewayFactory, Harness, until
 from tests.redis_support import RedisServer
 

@@ -34,8 +34,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
-from gateway.keys_api import local_store
-from gateway.tower.local import KeyStore
+from gateway.ops.keys_api import local_store
+from gateway.tower.store import KeyStore
 from tests.conftest import ADMIN_TOKEN, GatewayFactory
 
 ROOT = Path(__file__).resolve().parents[2]
