@@ -58,9 +58,11 @@ from gateway.ratelimit import (
     RedisRateLimiter,
     effective_limit,
 )
+from gateway.ratelimit_batched import BatchedRateLimiter
+from gateway.redis_pool import op_timeout, redis_client
 from gateway.reload import Reloader
 from gateway.routes import Route, RouteTable, normalise_path
-from gateway.shared import LOCK_MARGIN, Replicas, redis_client
+from gateway.shared import LOCK_MARGIN, Replicas
 from gateway.tokens import SigningKey, TokenMinter, load_signing_key, private_material
 from gateway.tower import Tower
 from gateway.websocket import SocketRegistry
@@ -260,7 +262,11 @@ class Gateway:
             await start()
         if self.config.redis.url:
             tower = self.config.tower
-            self._redis = redis_client(self.config.redis.url)
+            self._redis = redis_client(
+                self.config.redis.url,
+                max_connections=self.config.redis.max_connections,
+                pool_timeout=self.config.redis.pool_timeout,
+            )
             self.replicas = Replicas(
                 self._redis,
                 prefix=self.config.redis.key_prefix,
@@ -280,12 +286,27 @@ class Gateway:
     async def _build_limiter(self) -> RateLimiter:
         settings = self.config.rate_limit
         if settings.backend == "redis" and self._redis is not None:
+            on_error = self.metrics.redis_errors.labels
+            if settings.mode == "batched":
+                batched = BatchedRateLimiter(
+                    self._redis,
+                    prefix=self.config.redis.key_prefix,
+                    burst=settings.burst,
+                    sync_interval=settings.sync_interval,
+                    on_fallback=self.metrics.rate_limit_fallbacks.inc,
+                    on_error=lambda op: on_error(op).inc(),
+                    timeout=op_timeout(self._redis),
+                )
+                batched.start()  # the first settle tells it how many processes share
+                return batched
             return RedisRateLimiter(
                 self._redis,
                 prefix=self.config.redis.key_prefix,
                 burst=settings.burst,
                 fallback=MemoryRateLimiter(burst=settings.burst),
                 on_fallback=self.metrics.rate_limit_fallbacks.inc,
+                on_error=lambda op: on_error(op).inc(),
+                timeout=op_timeout(self._redis),
             )
         return MemoryRateLimiter(burst=settings.burst)
 

@@ -45,6 +45,9 @@ _BY_CHECK: Final[Mapping[Callable[..., Any], Mapping[str, Any]]] = {
     cfg._cidrs: {"items": {"pattern": r"^[0-9A-Fa-f:.]+(/[0-9]+)?$"}},
     cfg._methods: {"items": {"pattern": "^[A-Z]+$"}},
     cfg._log_target: {"pattern": r"\S"},
+    # Header names, matched case-insensitively against the intent headers by the check.
+    cfg._forward_headers: {"items": {"pattern": "^[A-Za-z0-9-]+$"}},
+    cfg._audience: {"pattern": "^[\\x21-\\x7e]{1,256}$"},
 }
 # ... and, for checks written in place (lambdas, `_one_of`), by section and key.
 _BY_FIELD: Final[Mapping[tuple[type, str], Mapping[str, Any]]] = {
@@ -59,6 +62,7 @@ _BY_FIELD: Final[Mapping[tuple[type, str], Mapping[str, Any]]] = {
     (cfg.JwtConfig, "algorithm"): {"enum": list(cfg.JWT_ALGORITHMS)},
     (cfg.JwtConfig, "ttl"): {"minimum": 10},
     (cfg.RateLimitConfig, "backend"): {"enum": ["memory", "redis"]},
+    (cfg.RateLimitConfig, "mode"): {"enum": ["exact", "batched"]},
     (cfg.LogConfig, "level"): {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
 }
 

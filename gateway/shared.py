@@ -17,11 +17,19 @@ LOG_INTERVAL seconds. Redis keys, all under `redis.key_prefix`:
     revoked-all        fetched before it could live: such entries are never read, nor stored
     revocations        the pub/sub channel: "<macs>|<json>", the JSON {"origin", "id", "ts",
                        "at", "key_ids": [...] or "all": true}, signed with the shared secret
+    filled             the pub/sub channel on which a lock's holder announces "<digest hex>"
+                       once its answer is stored (or its call failed): waiters look at once
 
 Trust: whoever can write to Redis but holds none of the gateway's secrets can delete entries
 (more tower calls) and block sharing, but cannot forge an entry, move one to another key,
 bring back an entry revoked on a replica that heard the revocation, or send a revocation.
 Replicas remember the revocations they heard, so deleting the marker does not help either.
+A "filled" message is a hint, not a fact: a forged one costs a waiter one more lookup.
+
+Every process has one pool of `redis.max_connections` connections. When all are busy a call
+waits up to `redis.pool_timeout` for one; a pool still exhausted then is counted as
+`tower_gateway_redis_errors_total{op="pool"}` and that one call goes without Redis, but the
+request path keeps using Redis: only a Redis that fails to answer pauses it.
 
 The tower's revocation webhook (`POST /admin/revocations`) is verified here as well.
 """
@@ -46,22 +54,17 @@ from typing import Any, Final
 
 import redis.asyncio
 from aiohttp import web
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.config import CacheConfig
 from gateway.errors import TowerFault
 from gateway.identity import Fetch, SharedEntry, entry_bounds
+from gateway.redis_pool import PoolExhausted, op_timeout
 from gateway.tower import REJECTION_REASONS, Identity, Rejection, parse_answer
 
 log = logging.getLogger("tower_gateway.shared")
 
-# A dead Redis must cost a request little: short socket timeouts, and each call on the
-# request path bounded again by OP_TIMEOUT.
-SOCKET_TIMEOUT: Final = 0.5
-OP_TIMEOUT: Final = 0.25
 # Revocations touch up to a thousand keys in one pipeline; they are rare and worth a wait.
 ADMIN_OP_TIMEOUT: Final = 2.0
 # After a failure the request path skips Redis this long, so an outage does not cost every
@@ -70,7 +73,9 @@ RETRY_INTERVAL: Final = 1.0
 LOG_INTERVAL: Final = 30.0
 # The lock outlives one tower call (tower.timeout) by this much.
 LOCK_MARGIN: Final = 0.5
-POLL_INTERVAL: Final = 0.015
+# Waiters for a lock are woken by the holder's "filled" message; they look again after this
+# long without one (a message lost with a reconnection, a holder that died).
+POLL_INTERVAL: Final = 0.1
 LISTEN_TIMEOUT: Final = 1.0
 PING_INTERVAL: Final = 10.0
 BACKOFF_START: Final = 0.1
@@ -136,9 +141,10 @@ return {0, entry, now}
 )
 
 # Store an answer and release the lock. KEYS: entry, lock, revoked-all[, kid set, revoked:kid].
-# ARGV: value, ttl (ms), lock token, digest hex, fetch time (Redis ms). A revocation marker at or
-# after the fetch time means a revocation happened while this answer was being fetched: it is
-# not shared. The kid set lives as long as its longest entry.
+# ARGV: value, ttl (ms), lock token, digest hex, fetch time (Redis ms), "filled" channel. A
+# revocation marker at or after the fetch time means a revocation happened while this answer
+# was being fetched: it is not shared. The kid set lives as long as its longest entry. The
+# lock's holder announces the digest, so the replicas waiting on the lock look at once.
 _PUT_LUA: Final = """
 local function after(key)
   local at = tonumber(redis.call('GET', key) or '')
@@ -155,7 +161,10 @@ if not after(KEYS[3]) and (#KEYS < 5 or not after(KEYS[5])) then
   end
   stored = 1
 end
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+if redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('DEL', KEYS[2])
+  redis.call('PUBLISH', ARGV[6], ARGV[4])
+end
 return stored
 """
 
@@ -175,9 +184,14 @@ return now
 )
 
 # Compare-and-delete: the token makes sure a replica whose lock expired (a slow tower call)
-# never releases the lock another replica has taken since.
+# never releases the lock another replica has taken since. ARGV: token, "filled" channel,
+# digest hex: the waiters are told the lock is free (one of them takes it over).
 _RELEASE_LUA: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
 return 0
 """
 
@@ -231,17 +245,6 @@ class Revocations:
         return key_id is not None and self._at.get(key_id, -1) >= fetched_ms
 
 
-def redis_client(url: str) -> redis.asyncio.Redis:
-    """The one client a Gateway uses for everything shared (rate limits, cache, revocations)."""
-    return redis.asyncio.Redis.from_url(
-        url,
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=SOCKET_TIMEOUT,
-        # A pooled connection that died with a Redis restart reconnects at once.
-        retry=Retry(NoBackoff(), 1),
-    )
-
-
 class RedisFaults:
     """Counts Redis failures, logs them sparingly, and pauses the request path after one."""
 
@@ -263,6 +266,9 @@ class RedisFaults:
         self.errors = 0
 
     def record(self, op: str, exc: BaseException, *, pause: bool = True) -> None:
+        if isinstance(exc, PoolExhausted):
+            # Redis answers, the pool is too small for the load: counted, never a pause.
+            op, pause = "pool", False
         self.errors += 1
         now = self._clock()
         if pause:
@@ -301,9 +307,11 @@ class SharedIdentityCache:
     """The identity cache level replicas share (`gateway.identity.SharedLevel`) on Redis.
 
     A lookup claims the digest with one script: a fresh entry is the answer; otherwise the
-    first replica takes a short lock and calls the tower, and the others poll until its answer
+    first replica takes a short lock and calls the tower, and the others wait until its answer
     appears, the lock is freed (its call failed: the next one takes over) or the lock's time
     is up, when they call the tower themselves rather than wait on a replica that may be gone.
+    The holder announces the digest on the "filled" channel when it stores its answer or frees
+    the lock (`wake`); waiters also look again every `poll_interval` in case that is lost.
     Entries carry an HMAC bound to their digest, so write access to Redis alone can neither
     forge an identity nor move one to another key; they are read with the field rules of a
     tower answer, and never when fetched before a revocation of their key_id.
@@ -333,6 +341,9 @@ class SharedIdentityCache:
         self._faults = faults
         self._clock = clock
         self._poll = poll_interval
+        self._op_timeout = op_timeout(client)
+        self.filled_channel = prefix + "filled"
+        self._waiters: dict[str, set[asyncio.Event]] = {}
         self._claim = client.register_script(_CLAIM_LUA)
         self._put_script = client.register_script(_PUT_LUA)
         self._release = client.register_script(_RELEASE_LUA)
@@ -351,8 +362,13 @@ class SharedIdentityCache:
         shared_ok = True
         fetched_ms: int | None = None
         deadline = time.monotonic() + self._lock_ttl
+        woken = asyncio.Event()
+        waiters = self._waiters.setdefault(hexdigest, set())
+        waiters.add(woken)
         try:
             while True:
+                # Cleared before the claim: a message that arrives after its answer still wakes.
+                woken.clear()
                 state, raw, now_ms = await self._claim_once(hexdigest, token)
                 # The earliest time before the fetch: a revocation after it wins.
                 fetched_ms = now_ms if fetched_ms is None else fetched_ms
@@ -367,14 +383,21 @@ class SharedIdentityCache:
                     holder = token
                     self.stats.leads += 1
                     break
-                if time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     self.stats.wait_timeouts += 1
                     break
                 self.stats.polls += 1
-                await asyncio.sleep(self._poll)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(self._poll, left)):
+                        await woken.wait()
         except REDIS_FAULTS as exc:
             self._faults.record("claim", exc)
             shared_ok = False
+        finally:
+            waiters.discard(woken)
+            if not waiters:
+                self._waiters.pop(hexdigest, None)
         try:
             answer = await fetch()
         except TowerFault as fault:
@@ -387,9 +410,15 @@ class SharedIdentityCache:
             await self._put(digest, answer, holder, fetched_ms)
         return answer
 
+    def wake(self, hexdigest: str) -> None:
+        """The lock on a digest was released (its answer stored, or its call failed): the
+        lookups of this process waiting on it look again now."""
+        for woken in self._waiters.get(hexdigest, ()):
+            woken.set()
+
     async def _claim_once(self, hexdigest: str, token: str) -> tuple[int, bytes | None, int]:
         now_ms = math.floor(self._clock() * 1000)
-        async with asyncio.timeout(OP_TIMEOUT):
+        async with asyncio.timeout(self._op_timeout):
             reply = await self._claim(
                 keys=[
                     self._key("id:", hexdigest),
@@ -403,8 +432,11 @@ class SharedIdentityCache:
 
     async def _unlock(self, hexdigest: str, token: str) -> None:
         try:
-            async with asyncio.timeout(OP_TIMEOUT):
-                await self._release(keys=[self._key("lock:", hexdigest)], args=[token])
+            async with asyncio.timeout(self._op_timeout):
+                await self._release(
+                    keys=[self._key("lock:", hexdigest)],
+                    args=[token, self.filled_channel, hexdigest],
+                )
         except REDIS_FAULTS as exc:
             self._faults.record("unlock", exc)
 
@@ -435,15 +467,23 @@ class SharedIdentityCache:
             except (TypeError, ValueError) as exc:  # metadata JSON cannot carry: not shared
                 self._faults.record("encode", exc, pause=False)
         try:
-            async with asyncio.timeout(OP_TIMEOUT):
+            async with asyncio.timeout(self._op_timeout):
                 if value is not None:
                     ttl_ms = max(1, math.ceil((stale_until - now) * 1000))
-                    stored = await self._put_script(
-                        keys=keys, args=[value, ttl_ms, token or "", hexdigest, fetched_ms]
-                    )
+                    args: list[bytes | str | int] = [
+                        value,
+                        ttl_ms,
+                        token or "",
+                        hexdigest,
+                        fetched_ms,
+                        self.filled_channel,
+                    ]
+                    stored = await self._put_script(keys=keys, args=args)
                     self.stats.writes += int(stored)
                 elif token is not None:
-                    await self._release(keys=[keys[1]], args=[token])
+                    await self._release(
+                        keys=[keys[1]], args=[token, self.filled_channel, hexdigest]
+                    )
         except REDIS_FAULTS as exc:
             self._faults.record("put", exc)
 
@@ -600,9 +640,13 @@ class RevocationBus:
         keys: Sequence[bytes],
         revocations: Revocations,
         clock: Callable[[], float] = time.time,
+        filled_channel: str | None = None,
+        on_filled: Callable[[str], None] | None = None,
     ) -> None:
         self._client = client
         self._channel = channel
+        self._filled_channel = filled_channel
+        self._on_filled = on_filled
         self._origin = origin
         self._apply = apply
         self._resync = resync
@@ -698,7 +742,10 @@ class RevocationBus:
     async def _listen(self) -> None:
         pubsub = self._client.pubsub()
         try:
-            await pubsub.subscribe(self._channel)
+            channels = [self._channel]
+            if self._filled_channel is not None:
+                channels.append(self._filled_channel)
+            await pubsub.subscribe(*channels)
             heard = pinged = time.monotonic()
             while True:
                 message = await pubsub.get_message(timeout=LISTEN_TIMEOUT)
@@ -714,13 +761,29 @@ class RevocationBus:
                     continue
                 heard = now
                 kind = message.get("type")
-                if kind == "subscribe":
+                channel = message.get("channel")
+                if isinstance(channel, bytes):
+                    channel = channel.decode("utf-8", "replace")
+                if channel != self._channel:
+                    if kind == "message":
+                        self._filled(message.get("data"))
+                elif kind == "subscribe":
                     self._subscribed()
                 elif kind == "message":
                     self._received(message.get("data"))
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
+
+    def _filled(self, data: object) -> None:
+        """A digest's lock was released: wake this process's waiters (a hint only, unsigned:
+        a forged one costs a lookup)."""
+        if self._on_filled is None:
+            return
+        if isinstance(data, bytes):
+            data = data.decode("ascii", "replace")
+        if isinstance(data, str) and len(data) <= 128:
+            self._on_filled(data)
 
     def _subscribed(self) -> None:
         self._delay = BACKOFF_START
@@ -818,6 +881,8 @@ class Replicas:
             keys=keys,
             revocations=self.cache.revocations,
             clock=clock,
+            filled_channel=self.cache.filled_channel,
+            on_filled=self.cache.wake,
         )
         self._pending: set[asyncio.Task[bool]] = set()
 
@@ -862,7 +927,7 @@ class Replicas:
 
     async def ping(self) -> bool:
         try:
-            async with asyncio.timeout(OP_TIMEOUT):
+            async with asyncio.timeout(op_timeout(self._client)):
                 return bool(await self._client.ping())
         except REDIS_FAULTS as exc:
             self.faults.record("ping", exc, pause=False)

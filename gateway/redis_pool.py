@@ -1,0 +1,74 @@
+"""The Redis client every process uses for what replicas share: one bounded pool whose callers
+wait a bounded time for a connection, and whose exhaustion is told apart from an outage.
+
+redis-py's asyncio pool refuses at once (`MaxConnectionsError`) when its connections are all
+busy, so load above the pool size looked like a Redis outage: rate limits and the shared cache
+fell back to per-process behaviour. Here a call waits up to `redis.pool_timeout` for a
+connection, and raises `PoolExhausted` (a `ConnectionError`) if none frees up, which callers
+count as a Redis error without pausing their use of Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Final
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+# A dead Redis must cost a request little: short socket timeouts, and each call on the
+# request path bounded again by OP_TIMEOUT (plus the pool wait).
+SOCKET_TIMEOUT: Final = 0.5
+OP_TIMEOUT: Final = 0.25
+DEFAULT_MAX_CONNECTIONS: Final = 100
+DEFAULT_POOL_TIMEOUT: Final = 0.5
+
+
+class PoolExhausted(RedisConnectionError):
+    """Every pooled connection stayed busy for `redis.pool_timeout`: Redis is slow or the pool
+    too small for the load, not unreachable."""
+
+
+class WaitingPool(redis.asyncio.BlockingConnectionPool):
+    """A pool whose callers wait a bounded time for a connection (redis-py's default pool
+    refuses at once, which turned load above the pool size into fallbacks), and whose
+    exhaustion is told apart from a Redis that does not answer."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except RedisConnectionError as exc:
+            if isinstance(exc.__cause__, asyncio.TimeoutError) and not isinstance(
+                exc, PoolExhausted
+            ):
+                raise PoolExhausted(f"no Redis connection free within {self.timeout} s") from exc
+            raise
+
+
+def redis_client(
+    url: str,
+    *,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+) -> redis.asyncio.Redis:
+    """The one client a Gateway uses for everything shared (rate limits, cache, revocations):
+    at most `max_connections` connections, a call waiting up to `pool_timeout` for one."""
+    pool = WaitingPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=pool_timeout,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        # A pooled connection that died with a Redis restart reconnects at once.
+        retry=Retry(NoBackoff(), 1),
+    )
+    return redis.asyncio.Redis.from_pool(pool)
+
+
+def op_timeout(client: redis.asyncio.Redis) -> float:
+    """OP_TIMEOUT for the call itself, plus the time it may wait for a pooled connection (an
+    exhausted pool is reported as such, before this runs out)."""
+    wait = getattr(client.connection_pool, "timeout", None)
+    return OP_TIMEOUT + (wait if isinstance(wait, int | float) else 0.0)
