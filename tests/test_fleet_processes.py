@@ -26,9 +26,9 @@ __all__ = ["start_group"]  # the fixture, shared with the worker tests
 
 pytestmark = pytest.mark.redis
 
-# Three connections per process (one is the revocation subscription's) against tens of
+# Two connections per process (one is the revocation subscription's) against tens of
 # requests in flight per process: calls wait for a connection, none may be refused.
-SMALL_POOL = {"max_connections": 3, "pool_timeout": 5.0}
+SMALL_POOL = {"max_connections": 2, "pool_timeout": 5.0}
 
 
 async def fleet(start: StartGroup, redis_url: str, **extra: object) -> list[Group]:
