@@ -59,7 +59,7 @@ from gateway.ratelimit import (
     effective_limit,
 )
 from gateway.ratelimit_batched import BatchedRateLimiter
-from gateway.redis_pool import op_timeout, redis_client
+from gateway.redis_pool import PoolCollector, op_timeout, redis_client
 from gateway.reload import Reloader
 from gateway.routes import Route, RouteTable, normalise_path
 from gateway.shared import LOCK_MARGIN, Replicas
@@ -222,6 +222,7 @@ class Gateway:
         self.replicas: Replicas | None = None
         if config.redis.url:
             self.redis_ok = self._redis_ok  # ops readiness looks for it
+            self.registry.register(PoolCollector(lambda: self._redis))
         self.components = build_components(config)
         self.access_log = access_log if access_log is not None else AccessLog.from_config(config)
         self.audit = audit if audit is not None else AuditLog.from_config(config)

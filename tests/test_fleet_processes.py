@@ -76,6 +76,8 @@ async def test_a_shared_limit_holds_with_more_requests_in_flight_than_connection
     assert 30 <= allowed <= 30 + math.ceil(elapsed / 2) + 1, (allowed, elapsed)
     assert await fleet_metric(groups, "tower_gateway_rate_limit_fallbacks_total") == 0
     assert await fleet_metric(groups, "tower_gateway_redis_errors_total") == 0
+    # The pool was the bottleneck: calls waited for a connection, and got one.
+    assert await fleet_metric(groups, "tower_gateway_redis_pool_waits_total") > 0
 
 
 async def test_cold_keys_under_load_cost_one_tower_call_each_for_the_fleet(

@@ -15,7 +15,7 @@ import redis.asyncio
 
 from gateway.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from gateway.ratelimit_batched import BatchedRateLimiter, overshoot_bound
-from gateway.redis_pool import PoolExhausted, redis_client
+from gateway.redis_pool import PoolExhausted, WaitingPool, redis_client
 from gateway.shared import RedisFaults
 from tests.conftest import GatewayFactory
 from tests.redis_support import RedisServer
@@ -72,6 +72,8 @@ async def test_an_exhausted_pool_is_a_counted_error_that_does_not_pause_redis(
         assert (await limiter.hit("fp-pool", 6)).remaining == 5
         assert len(fallbacks.calls) == 1
         assert await client.exists(f"{PREFIX}rl:fp-pool")
+        pool = client.connection_pool
+        assert isinstance(pool, WaitingPool) and pool.exhausted == 1 and pool.waits >= 1
     finally:
         await limiter.close()
         await client.aclose()
