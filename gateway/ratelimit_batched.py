@@ -12,7 +12,9 @@ shared state of the buckets it touched, and P.
 What it costs in accuracy: the requests the other processes admitted since their last
 settle are unseen, so the fleet can admit more than the exact mode would, bounded by
 `overshoot_bound` (about two bursts plus two sync intervals of refill per process, in any
-window). Everything admitted is charged, so the overshoot is paid back by refusals and the
+window) while each process keeps using the key: a settle brings back only the buckets the
+process touched since the last one, so a process coming back to a key after a pause may
+spend its share once more on an old view. Everything admitted is charged, so the overshoot is paid back by refusals and the
 long-run rate is exact. A process alone on a key (sticky load balancing) gets a burst of
 `ceil(burst / P)` and the full steady rate. Until its first settle, a process knows of no
 other (P = 1).
