@@ -168,14 +168,7 @@ class MemoryRateLimiter:
     def decide(self, bucket: str, per_minute: float) -> Decision:
         """The synchronous core of `hit`; it never awaits, so asyncio needs no lock around it."""
         interval, burst = _plan(per_minute, self._burst)
-        now = self._clock()
-        tat = self._tats.pop(bucket, now)
-        new_tat, decision = _gcra(tat, now, interval, burst)
-        stored = new_tat if new_tat is not None else tat
-        if stored > now:
-            self._tats[bucket] = stored
-        evict_refilled(self._tats, now, self._max_buckets)
-        return decision
+        return decide_in(self._tats, bucket, self._clock(), interval, burst, self._max_buckets)
 
     def refund(self, bucket: str, per_minute: float) -> None:
         """Gives back one request that `decide` allowed (it turned out not to count)."""
@@ -194,6 +187,24 @@ class MemoryRateLimiter:
 
     async def close(self) -> None:
         self._tats.clear()
+
+
+def decide_in(
+    tats: OrderedDict[str, float],
+    bucket: str,
+    now: float,
+    interval: float,
+    burst: int,
+    max_buckets: int,
+) -> Decision:
+    """One GCRA step on a bucket of an LRU map of arrival times (a missing bucket is full)."""
+    tat = tats.pop(bucket, now)
+    new_tat, decision = _gcra(tat, now, interval, burst)
+    stored = new_tat if new_tat is not None else tat
+    if stored > now:
+        tats[bucket] = stored
+    evict_refilled(tats, now, max_buckets)
+    return decision
 
 
 def evict_refilled(tats: OrderedDict[str, float], now: float, max_buckets: int) -> None:

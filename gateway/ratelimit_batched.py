@@ -14,10 +14,10 @@ settle are unseen, so the fleet can admit more than the exact mode would, bounde
 `overshoot_bound` (about two bursts plus two sync intervals of refill per process, in any
 window) while each process keeps using the key: a settle brings back only the buckets the
 process touched since the last one, so a process coming back to a key after a pause may
-spend its share once more on an old view. Everything admitted is charged, so the overshoot is paid back by refusals and the
-long-run rate is exact. A process alone on a key (sticky load balancing) gets a burst of
-`ceil(burst / P)` and the full steady rate. Until its first settle, a process knows of no
-other (P = 1).
+spend its share once more on an old view. Everything admitted is charged, so the overshoot
+is paid back by refusals and the long-run rate is exact. A process alone on a key (sticky
+load balancing) gets a burst of `ceil(burst / P)` and the full steady rate. Until its first
+settle, a process knows of no other (P = 1).
 
 When Redis fails, decisions go on locally on the last shared state (`on_fallback` for each,
 `on_error` for each failed settle); what was admitted meanwhile is charged when it answers.
@@ -37,7 +37,7 @@ from typing import Final
 
 import redis.asyncio
 
-from gateway.ratelimit import Decision, _gcra, _plan, call_hook, evict_refilled
+from gateway.ratelimit import Decision, _plan, call_hook, decide_in
 from gateway.redis_pool import OP_TIMEOUT, PoolExhausted
 
 log = logging.getLogger(__name__)
@@ -154,13 +154,7 @@ class BatchedRateLimiter:
     def decide(self, bucket: str, per_minute: float) -> Decision:
         interval, burst = _plan(per_minute, self._burst)
         share = max(1, math.ceil(burst / self.peers))
-        now = self._clock()
-        tat = self._tats.pop(bucket, now)
-        new_tat, decision = _gcra(tat, now, interval, share)
-        stored = new_tat if new_tat is not None else tat
-        if stored > now:
-            self._tats[bucket] = stored
-        evict_refilled(self._tats, now, self._max_buckets)
+        decision = decide_in(self._tats, bucket, self._clock(), interval, share, self._max_buckets)
         touched = self._touched.get(bucket)
         if touched is None:
             touched = self._touched[bucket] = [0, 0, 0]
