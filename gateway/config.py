@@ -56,6 +56,10 @@ def _non_negative(v: Any) -> str | None:
     return None if v is None or v >= 0 else "must not be negative"
 
 
+def _pool_size(v: int) -> str | None:
+    return None if v >= 2 else "must be at least 2 (the revocation subscription holds one)"
+
+
 def _port(v: int) -> str | None:
     return None if 0 <= v <= 65535 else "not a port number (0-65535)"
 
@@ -314,7 +318,7 @@ class RedisConfig:
     key_prefix: str = "tower-gateway:"
     # Connections per process (the revocation subscription holds one), and how long a request
     # waits for one when all are busy before it goes without Redis.
-    max_connections: int = _check(_positive, 100)
+    max_connections: int = _check(_pool_size, 100)
     pool_timeout: float = _check(_positive, 0.5)
 
 

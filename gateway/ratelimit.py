@@ -418,10 +418,14 @@ class RedisRateLimiter:
             if len(values) != 4 * len(batch):
                 raise ValueError("the rate limit script answered for other buckets")
         except BaseException as exc:
+            # Cancelled (the limiter closing): the waiting requests decide locally, they are
+            # not cancelled themselves.
+            closed = isinstance(exc, asyncio.CancelledError)
+            answer = ConnectionError("rate limiter closed") if closed else exc
             for item in batch:
                 if not item.answer.done():
-                    item.answer.set_exception(exc)
-            if isinstance(exc, asyncio.CancelledError):
+                    item.answer.set_exception(answer)
+            if closed:
                 raise
             return
         for i, item in enumerate(batch):

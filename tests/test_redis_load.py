@@ -240,3 +240,27 @@ async def test_a_replica_waiting_on_a_lock_is_woken_when_the_answer_is_stored(
     assert a.tower.calls.count("woken-key-00001") == 1
     assert waited < 1.0, waited
     assert shared_b.stats.polls >= 1 and shared_b.stats.wait_timeouts == 0
+
+
+async def test_closing_the_limiter_answers_the_decisions_in_flight_locally() -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    client = redis_client(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0")
+    fallbacks = Recorder()
+    limiter = exact(client, on_fallback=fallbacks)
+    try:
+        pending = asyncio.create_task(limiter.hit("fp-closing", 6))
+        await asyncio.sleep(0.1)  # the call is on its way to a Redis that never answers
+        await limiter.close()
+        decision = await pending  # not cancelled: decided locally
+        assert decision.allowed and len(fallbacks.calls) == 1
+    finally:
+        await client.aclose()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
