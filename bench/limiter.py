@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import redis.asyncio  # noqa: E402
-from gateway.ratelimit import MemoryRateLimiter, RedisRateLimiter  # noqa: E402
-from gateway.ratelimit_batched import BatchedRateLimiter  # noqa: E402
-from gateway.redis_pool import WaitingPool  # noqa: E402
+from gateway.auth.ratelimit import MemoryRateLimiter  # noqa: E402
+from gateway.auth.ratelimit_batched import BatchedRateLimiter  # noqa: E402
+from gateway.auth.ratelimit_exact import RedisRateLimiter  # noqa: E402
+from gateway.replicas.pool import WaitingPool  # noqa: E402
 from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser  # noqa: E402
 
 BUCKETS = [f"fp-{i:03d}" for i in range(100)]

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import redis.asyncio
 
-from gateway.ratelimit_batched import overshoot_bound
+from gateway.auth.ratelimit_batched import overshoot_bound
 from tests.conftest import FakeTower
 from tests.redis_support import RedisServer
 from tests.test_replicas import metric

@@ -13,10 +13,11 @@ import time
 import pytest
 import redis.asyncio
 
-from gateway.ratelimit import MemoryRateLimiter, RedisRateLimiter
-from gateway.ratelimit_batched import BatchedRateLimiter, overshoot_bound
-from gateway.redis_pool import PoolExhausted, WaitingPool, redis_client
-from gateway.shared import RedisFaults
+from gateway.auth.ratelimit import MemoryRateLimiter
+from gateway.auth.ratelimit_batched import BatchedRateLimiter, overshoot_bound
+from gateway.auth.ratelimit_exact import RedisRateLimiter
+from gateway.replicas.connection import RedisFaults, redis_client
+from gateway.replicas.pool import PoolExhausted, WaitingPool
 from tests.conftest import GatewayFactory
 from tests.redis_support import RedisServer
 from tests.test_replicas import digest, get, replicas
@@ -36,7 +37,11 @@ class Recorder:
 
 def exact(client: redis.asyncio.Redis, **kw: object) -> RedisRateLimiter:
     return RedisRateLimiter(
-        client, prefix=PREFIX, fallback=MemoryRateLimiter(), timeout=5.0, **kw  # type: ignore[arg-type]
+        client,
+        prefix=PREFIX,
+        fallback=MemoryRateLimiter(),
+        timeout=5.0,
+        **kw,  # type: ignore[arg-type]
     )
 
 

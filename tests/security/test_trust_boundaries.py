@@ -21,10 +21,11 @@ import redis.asyncio
 from prometheus_client import CollectorRegistry
 
 from gateway.app import Gateway
+from gateway.auth.fingerprint import Fingerprinter, derive_secret
+from gateway.auth.ratelimit import MemoryRateLimiter
+from gateway.auth.ratelimit_exact import RedisRateLimiter
 from gateway.config import MIN_FINGERPRINT_SECRET, parse_config, parse_config_text
 from gateway.errors import ConfigError
-from gateway.identity import Fingerprinter, derive_secret
-from gateway.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from tests.conftest import ENV, TOWER_API_KEY, GatewayFactory, Harness
 from tests.redis_support import RedisServer
 from tests.test_config import check_config
