@@ -269,3 +269,18 @@ async def test_closing_the_limiter_answers_the_decisions_in_flight_locally() -> 
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_peek_counts_nothing_in_either_mode(redis_client: redis.asyncio.Redis) -> None:
+    exact_limiter = exact(redis_client)
+    assert (await exact_limiter.hit("fp-peek", 6)).remaining == 5
+    # Coalesced with a real decision on the same bucket: the peek sees it, and counts nothing.
+    peeked, counted = await asyncio.gather(
+        exact_limiter.peek("fp-peek", 6), exact_limiter.hit("fp-peek", 6)
+    )
+    assert peeked.allowed and peeked.remaining == 4 and counted.remaining == 4
+    assert (await exact_limiter.hit("fp-peek", 6)).remaining == 3
+    limiter = batched(redis_client, sync_interval=3600)
+    assert limiter.decide("fp-peek-b", 6).remaining == 5
+    assert (await limiter.peek("fp-peek-b", 6)).remaining == 4
+    assert limiter.decide("fp-peek-b", 6).remaining == 4
