@@ -19,7 +19,7 @@ from gateway.auth.ratelimit_exact import RedisRateLimiter
 from gateway.replicas.connection import RedisFaults, redis_client
 from gateway.replicas.pool import PoolExhausted, WaitingPool
 from tests.conftest import GatewayFactory
-from tests.redis_support import RedisServer
+from tests.redis_support import RedisServer, silent_server
 from tests.test_replicas import digest, get, replicas
 
 pytestmark = pytest.mark.redis
@@ -248,27 +248,18 @@ async def test_a_replica_waiting_on_a_lock_is_woken_when_the_answer_is_stored(
 
 
 async def test_closing_the_limiter_answers_the_decisions_in_flight_locally() -> None:
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    client = redis_client(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0")
-    fallbacks = Recorder()
-    limiter = exact(client, on_fallback=fallbacks)
-    try:
-        pending = asyncio.create_task(limiter.hit("fp-closing", 6))
-        await asyncio.sleep(0.1)  # the call is on its way to a Redis that never answers
-        await limiter.close()
-        decision = await pending  # not cancelled: decided locally
-        assert decision.allowed and len(fallbacks.calls) == 1
-    finally:
-        await client.aclose()
-        for writer in accepted:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+    async with silent_server() as url:
+        client = redis_client(url)
+        fallbacks = Recorder()
+        limiter = exact(client, on_fallback=fallbacks)
+        try:
+            pending = asyncio.create_task(limiter.hit("fp-closing", 6))
+            await asyncio.sleep(0.1)  # the call is on its way to a Redis that never answers
+            await limiter.close()
+            decision = await pending  # not cancelled: decided locally
+            assert decision.allowed and len(fallbacks.calls) == 1
+        finally:
+            await client.aclose()
 
 
 async def test_a_peek_counts_nothing_in_either_mode(redis_client: redis.asyncio.Redis) -> None:

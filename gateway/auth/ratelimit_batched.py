@@ -37,12 +37,11 @@ from typing import Final
 
 import redis.asyncio
 
-from gateway.auth.ratelimit import Decision, _gcra, _plan, call_hook, decide_in
+from gateway.auth.ratelimit import _US_PER_S, Decision, _gcra, _plan, call_hook, decide_in
 from gateway.replicas.pool import PoolExhausted
 
 log = logging.getLogger(__name__)
 
-_US_PER_S: Final = 1_000_000
 DEFAULT_SYNC_INTERVAL: Final = 0.1
 DEFAULT_TIMEOUT: Final = 0.25
 # A process counts in P while it settled within this many sync intervals (at least MIN_PRESENCE

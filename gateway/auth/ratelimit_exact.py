@@ -20,6 +20,7 @@ from typing import Final
 import redis.asyncio
 
 from gateway.auth.ratelimit import (
+    _US_PER_S,
     DEFAULT_RETRY_INTERVAL,
     Decision,
     MemoryRateLimiter,
@@ -29,8 +30,6 @@ from gateway.auth.ratelimit import (
 from gateway.replicas.pool import PoolExhausted
 
 log = logging.getLogger(__name__)
-
-_US_PER_S: Final = 1_000_000
 
 
 # KEYS: the buckets; ARGV: per bucket, emission interval in microseconds, burst, and 1 to only
