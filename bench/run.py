@@ -464,7 +464,21 @@ class Row:
     error: str | None = None
 
 
-ROW_ORDER: Final = ("a", "b", "b-rl", "b-log", "c", "d", "e", "e-warm", "f", "g", "h")
+ROW_ORDER: Final = (
+    "a",
+    "b",
+    "b-rl",
+    "b-rl-redis",
+    "b-rl-batched",
+    "b-log",
+    "c",
+    "d",
+    "e",
+    "e-warm",
+    "f",
+    "g",
+    "h",
+)
 
 
 def gateway_config_keys(section: str) -> set[str]:
@@ -516,10 +530,23 @@ def gateway_config(
     per_minute: float = 0,
     max_entries: int = 100_000,
     log: dict[str, object] | None = None,
+    redis_url: str | None = None,
+    limiter_mode: str | None = None,
 ) -> dict[str, object]:
     """The gateway every row runs: one route needing `execute:read_file` (granted through
-    the fake tower's `tools:execute` scope), long cache TTL, no limits unless asked."""
-    return {
+    the fake tower's `tools:execute` scope), long cache TTL, no limits unless asked. With
+    `redis_url`, shared through Redis, the rate limits in `limiter_mode` (exact or batched)."""
+    shared: dict[str, object] = {}
+    if redis_url is not None:
+        shared = {
+            "redis": {"url": redis_url},
+            "rate_limit": {
+                "default_per_minute": per_minute,
+                "backend": "redis",
+                "mode": limiter_mode or "exact",
+            },
+        }
+    config: dict[str, object] = {
         "server": {"host": HOST, "port": port, "shutdown_timeout": 2},
         "ops": {"host": HOST, "port": ops_port},
         "tower": {"url": tower_url, "timeout": 5.0},
@@ -535,6 +562,14 @@ def gateway_config(
         ),
         "log": log if log is not None else log_section(None),
     }
+    if shared:
+        config.update(shared)
+        config["cache"] = {
+            "ttl": 3600,
+            "max_entries": max_entries,
+            "fingerprint_secret": secrets.token_hex(32),
+        }
+    return config
 
 
 # --------------------------------------------------------------------------- nginx
@@ -653,6 +688,7 @@ class Bench:
         self.started = time.monotonic()
         self.upstream_url = ""
         self.tower_url = ""
+        self.redis_url = ""
 
     # ------------------------------------------------------------------ infrastructure
 
@@ -675,6 +711,27 @@ class Bench:
         self.upstream_port, self.tower_port = up_port, tower_port
         wait_http(self.upstream_url + "/", upstream, "upstream", self.procs)
         wait_http(self.tower_url + "/", tower, "tower", self.procs)
+
+    def redis(self) -> str:
+        """A redis-server on the load core, started on first use (the Redis rows)."""
+        if self.redis_url:
+            return self.redis_url
+        binary = find_binary("redis-server")
+        if binary is None:
+            raise BenchError("redis-server is not installed (apt-get install redis-server)")
+        port = free_port()
+        argv = [binary, "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no"]
+        argv += ["--dir", str(self.workdir)]
+        proc = self.procs.start("redis", argv, cpu=self.load_cpu, env=self.env)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.2):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError("redis-server did not start: " + self.procs.log_tail("redis"))
+            time.sleep(0.05)
+        self.redis_url = f"redis://{HOST}:{port}/0"
+        return self.redis_url
 
     def tower_count(self) -> dict[str, int]:
         _, body = http_get(self.tower_url + "/count")
@@ -747,6 +804,7 @@ class Bench:
         per_minute: float = 0,
         max_entries: int = 100_000,
         logging_on: bool = False,
+        limiter_mode: str | None = None,
     ) -> Iterator[Proxy]:
         port, ops_port = free_port(), free_port()
         config = gateway_config(
@@ -757,6 +815,8 @@ class Bench:
             per_minute=per_minute,
             max_entries=max_entries,
             log=log_section(self.workdir / name if logging_on else None),
+            redis_url=self.redis() if limiter_mode is not None else None,
+            limiter_mode=limiter_mode,
         )
         path = self.workdir / f"{name}.yaml"
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
@@ -969,6 +1029,27 @@ class Bench:
             ),
             limited,
         )
+
+        def shared_limits(mode: str) -> Callable[[Row], Row]:
+            # The same limit no key reaches, shared through a redis-server on the load core.
+            def row(r: Row) -> Row:
+                with self.gateway(
+                    f"gateway-rl-{mode}", per_minute=1_000_000, limiter_mode=mode
+                ) as gw:
+                    return self.measure(r, gw.url, "cached.lua", [CACHED_KEY], proxy=gw)
+
+            return row
+
+        for row_id, mode in (("b-rl-redis", "exact"), ("b-rl-batched", "batched")):
+            self.run_row(
+                Row(
+                    row_id,
+                    f"gateway, cached key, rate limit on (redis, {mode})",
+                    auth=True,
+                    hit_ratio_source="metrics",
+                ),
+                shared_limits(mode),
+            )
 
         def logged(r: Row) -> Row:
             with self.gateway("gateway-log", logging_on=True) as gw:
@@ -1598,6 +1679,8 @@ def _short_label(row: Row) -> str:
         "b": "gateway\ncached",
         "b-log": "gateway\n+logging",
         "b-rl": "gateway\n+rate limit",
+        "b-rl-redis": "gateway\n+redis limit",
+        "b-rl-batched": "gateway\n+batched limit",
         "c": "gateway\n2 workers",
         "d": "gateway\ncold keys",
         "e": "gateway\nZipf 10k",
@@ -1660,7 +1743,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(BENCH_DIR / "results"), help="results folder")
     parser.add_argument(
         "--rows",
-        help="only these rows, comma-separated (a,b,b-rl,b-log,c,d,e,e-warm,f,g,h); "
+        help="only these rows, comma-separated (a,b,b-rl,b-rl-redis,b-rl-batched,b-log,c,d,e,"
+        "e-warm,f,g,h); "
         f"{PAIR_ROW!r} = the interleaved gateway/bare pairs, which also run with b or f",
     )
     parser.add_argument(

@@ -36,6 +36,7 @@ _KEY_PREFIX: Final = {"pattern": "^[a-z][a-z0-9]{0,15}$"}
 _BY_CHECK: Final[Mapping[Callable[..., Any], Mapping[str, Any]]] = {
     cfg._positive: {"exclusiveMinimum": 0},
     cfg._non_negative: {"minimum": 0},
+    cfg._pool_size: {"minimum": 2},
     cfg._port: {"minimum": 0, "maximum": 65535},
     cfg._http_url: _HTTP_URL,
     cfg._redis_url: {"pattern": "^(redis|rediss|unix):"},
@@ -72,6 +73,7 @@ _BY_FIELD: Final[Mapping[tuple[type, str], Mapping[str, Any]]] = {
     (cfg.JwtConfig, "algorithm"): {"enum": list(cfg.JWT_ALGORITHMS)},
     (cfg.JwtConfig, "ttl"): {"minimum": 10},
     (cfg.RateLimitConfig, "backend"): {"enum": ["memory", "redis"]},
+    (cfg.RateLimitConfig, "mode"): {"enum": ["exact", "batched"]},
     (cfg.LogConfig, "level"): {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
 }
 

@@ -43,6 +43,10 @@ def _non_negative(v: Any) -> str | None:
     return None if v is None or v >= 0 else "must not be negative"
 
 
+def _pool_size(v: int) -> str | None:
+    return None if v >= 2 else "must be at least 2 (the revocation subscription holds one)"
+
+
 def _port(v: int) -> str | None:
     return None if 0 <= v <= 65535 else "not a port number (0-65535)"
 
@@ -289,12 +293,20 @@ class RateLimitConfig:
     default_per_minute: float = _check(_non_negative, 100.0)
     backend: str = _check(_one_of("memory", "redis"), "memory")
     burst: int | None = _check(_positive, None)
+    # With the redis backend: "exact" asks Redis for every decision; "batched" decides in the
+    # process on a share of each bucket and settles with Redis every sync_interval seconds.
+    mode: str = _check(_one_of("exact", "batched"), "exact")
+    sync_interval: float = _check(_positive, 0.1)
 
 
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str | None = _check(_redis_url, None)
     key_prefix: str = "tower-gateway:"
+    # Connections per process (the revocation subscription holds one), and how long a request
+    # waits for one when all are busy before it goes without Redis.
+    max_connections: int = _check(_pool_size, 100)
+    pool_timeout: float = _check(_positive, 0.5)
 
 
 @dataclass(frozen=True, slots=True)
