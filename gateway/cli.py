@@ -132,11 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
+    from gateway.decision.dataplane.cli import register as register_dataplane
     from gateway.explain_cli import register as register_explain
     from gateway.keys_cli import register
 
     register(sub)
     register_explain(sub)
+    register_dataplane(sub)
     return parser
 
 

@@ -125,6 +125,8 @@ class ServerConfig:
     shutdown_timeout: float = _check(_non_negative, 30.0)
     max_line_size: int = _check(_positive, 8190)
     max_field_size: int = _check(_positive, 8190)
+    # false = decision only (`decision:`): no proxy listener, routes need no upstream.
+    enabled: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +227,8 @@ class CapabilitiesConfig:
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
     path: str = _check(_route_path)
-    upstream: str = _check(_http_url)
+    # Required while server.enabled; "" (unset) only in decision-only mode.
+    upstream: str = _check(lambda v: _http_url(v) if v else None, "")
     name: str | None = None
     methods: tuple[str, ...] | None = _check(_methods, None)
     require: tuple[str, ...] = ()
@@ -298,6 +301,26 @@ class LogConfig:
     audit: str | None = _check(_log_target, "stdout")
 
 
+def _token(v: str) -> str | None:
+    return None if len(v) >= 16 else "must be at least 16 characters"
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionConfig:
+    """The decision listener for a data plane that is already there (CONTRACT 9)."""
+
+    host: str = "127.0.0.1"
+    port: int = _check(_port, 9092)
+    # Seconds a data plane may reuse an allow answer; 0 = every request is decided.
+    cache_ttl: float = _check(_non_negative, 0.0)
+    # Shared secret the data plane sends in X-Tower-Gateway-Decision-Token; a decision
+    # request without it is refused (403), so a client that reaches the listener cannot
+    # forge an original request. Unset = not checked.
+    token: str | None = _check(_token, None)
+    # Peers (data plane addresses or CIDR blocks) allowed to ask; empty = any peer.
+    allow_from: tuple[str, ...] = _check(_cidrs, ())
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -314,6 +337,7 @@ class Config:
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    decision: DecisionConfig | None = None
     source: str = field(default="<dict>", metadata={"internal": True})
 
 
@@ -592,10 +616,16 @@ def _finish(cfg: Config, env: Mapping[str, str], base: Path) -> Config:
         elif name in names:
             raise ConfigError(f"routes[{i}].name", f"duplicate route name {name!r}")
         names.add(name)
+        if not route.upstream and cfg.server.enabled:
+            raise ConfigError(
+                f"routes[{i}].upstream", "is required (unless server.enabled is false)"
+            )
         routes.append(_replace(route, name=name))
     if not routes:
         raise ConfigError("routes", "needs at least one route")
 
+    if not cfg.server.enabled and cfg.decision is None:
+        raise ConfigError("server.enabled", "false needs a decision listener (decision:)")
     if cfg.rate_limit.backend == "redis" and not cfg.redis.url:
         raise ConfigError("rate_limit.backend", "redis needs redis.url")
 
