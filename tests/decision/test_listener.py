@@ -57,7 +57,10 @@ async def test_forwarded_headers_as_traefik_and_caddy_send_them(
     response = await h.decision.get("/auth", headers=headers)
     assert response.status == 403
     body = await response.json()
-    assert body == {"error": "missing_capability", "detail": "Missing required capability: admin:write"}
+    assert body == {
+        "error": "missing_capability",
+        "detail": "Missing required capability: admin:write",
+    }
     assert response.headers["Cache-Control"] == "no-store"
 
 
