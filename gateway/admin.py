@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from aiohttp import web
 
 from gateway.audit import parse_limit
+from gateway.decision.explain import decision_mode
 from gateway.explain import ExplainQuery, UnknownFingerprint, explain
 from gateway.shared import revocation_webhook
 
@@ -153,6 +154,7 @@ def add_admin_routes(
         client = admin_client(request)
         try:
             answer = await explain(gateway, query)
+            decision_mode(gateway, answer)
         except UnknownFingerprint:
             gateway.audit.admin(
                 "explain", client=client, ok=False, key=query.fingerprint, reason="unknown"
