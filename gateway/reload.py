@@ -7,8 +7,8 @@ them, so it sees all of the old config or all of the new, never a mix.
 
 Live (applied at once): `routes`, `roles`, `capabilities`, `credentials`,
 `websocket`, `server.trusted_proxies`, `rate_limit.default_per_minute`,
-`log.level`. Everything else needs a restart: the listeners (`server.*`,
-`ops`), the clients and caches built at start (`tower`, `cache`, `redis`,
+`log.level`, `decision.cache_ttl`/`token`/`allow_from`. Everything else needs a
+restart: the listeners (`server.*`, `ops`, `decision.host`/`port`), the clients and caches built at start (`tower`, `cache`, `redis`,
 `rate_limit.backend`/`burst`), the signing key (`jwt`), the log sinks and
 `admin` (with `--workers`, the supervisor talks to its workers with the token
 they all started with). A reload that changes one of those applies the live
@@ -43,6 +43,10 @@ LIVE_KEYS: Final = frozenset(
         "server.trusted_proxies",
         "rate_limit.default_per_minute",
         "log.level",
+        # Read per decision by the decision listener; its address needs a restart.
+        "decision.cache_ttl",
+        "decision.token",
+        "decision.allow_from",
     }
 )
 
@@ -106,6 +110,9 @@ def merge(running: Config, loaded: Config) -> tuple[Config, tuple[str, ...], tup
             continue
         updates: dict[str, Any] = {}
         for key in _differences(name, old, new):
+            if "." not in key:  # a whole optional section set or unset (`decision`)
+                restart.append(key)
+                continue
             field_name = key.split(".")[1]
             live = f"{name}.{field_name}"
             if live in LIVE_KEYS:

@@ -256,3 +256,32 @@ def test_dataplane_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_reload_applies_decision_token_and_ttl_and_asks_a_restart_for_the_rest() -> None:
+    from gateway.reload import merge
+
+    running = parse_config(
+        base(server={"enabled": False}, decision={"cache_ttl": 1, "token": DECISION_TOKEN}),
+        env=ENV,
+    )
+    loaded = parse_config(
+        base(
+            server={"enabled": False},
+            decision={"cache_ttl": 5, "token": "another-token-0123456789", "port": 9999},
+        ),
+        env=ENV,
+    )
+    merged, changed, restart = merge(running, loaded)
+    assert merged.decision is not None
+    assert merged.decision.cache_ttl == 5 and merged.decision.token == "another-token-0123456789"
+    assert merged.decision.port == 9092
+    assert set(changed) == {"decision.cache_ttl", "decision.token"}
+    assert restart == ("decision.port",)
+    # A decision listener added to a running gateway: named, kept off, no crash.
+    plain = parse_config(base(routes=[{"path": "/", "upstream": "http://127.0.0.1:9"}]), env=ENV)
+    with_decision = parse_config(
+        base(routes=[{"path": "/", "upstream": "http://127.0.0.1:9"}], decision={}), env=ENV
+    )
+    merged, _, restart = merge(plain, with_decision)
+    assert merged.decision is None and restart == ("decision",)
