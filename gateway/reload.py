@@ -9,7 +9,8 @@ Live (applied at once): `routes`, `roles`, `capabilities`, `credentials`,
 `websocket`, `server.trusted_proxies`, `rate_limit.default_per_minute`,
 `log.level`, `decision.cache_ttl`/`token`/`allow_from`. Everything else needs a
 restart: the listeners (`server.*`, `ops`, `decision.host`/`port`), the clients
-and caches built at start (`tower`, `cache`, `redis`, `rate_limit.backend`/`burst`), the signing key (`jwt`), the log sinks and
+and caches built at start (`tower`, `cache`, `redis`,
+`rate_limit.backend`/`burst`), the signing key (`jwt`), the log sinks and
 `admin` (with `--workers`, the supervisor talks to its workers with the token
 they all started with). A reload that changes one of those applies the live
 keys, keeps the running values of the others and says which need a restart.
