@@ -18,6 +18,7 @@ audited as a proxied request is, and written to the access log as a
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import logging
@@ -38,6 +39,7 @@ from gateway.decision.engine import decide
 from gateway.decision.original import EXT_AUTHZ_PREFIX, Original, from_auth, from_ext_authz
 from gateway.errors import Forbidden, GatewayError, NotFound
 from gateway.httpserver import ANSWER, REQUEST_ID
+from gateway.proxy import IPNetwork
 
 log = logging.getLogger("tower_gateway.decision")
 
@@ -125,14 +127,18 @@ def _guard(request: web.BaseRequest, settings: DecisionConfig) -> None:
             peer = ipaddress.ip_address(request.remote or "")
         except ValueError:
             peer = None
-        if peer is None or not any(
-            peer in ipaddress.ip_network(cidr, strict=False) for cidr in settings.allow_from
-        ):
+        if peer is None or not any(peer in net for net in _networks(settings.allow_from)):
             raise Forbidden("this peer may not ask for decisions", reason="decision_forbidden")
     if settings.token is not None:
         sent = request.headers.get(TOKEN_HEADER, "")
         if not hmac.compare_digest(sent.encode(), settings.token.encode()):
             raise Forbidden("missing or wrong decision token", reason="decision_forbidden")
+
+
+@functools.lru_cache(maxsize=16)
+def _networks(cidrs: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """`decision.allow_from` parsed once per value (a reload may change it)."""
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
 
 def _original(request: web.BaseRequest) -> Original:

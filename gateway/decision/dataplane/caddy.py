@@ -39,6 +39,7 @@ def render(plan: Plan) -> str:
         "",
         f"http://{plan.listen_host}:{plan.listen_port} {{",
         "\troute {",
+        *_body_limit(plan),
         "\t\t# A client's own copy of the carrier never survives to the copy below.",
         f"\t\trequest_header -{CARRIER}",
         f"\t\tforward_auth {plan.decision_address} {{",
@@ -61,6 +62,7 @@ def render(plan: Plan) -> str:
         f"\t\trequest_header -{CARRIER}",
         "\t\theader X-Request-Id {http.request.header.X-Request-Id}",
         f"\t\treverse_proxy {plan.upstream_scheme}://{plan.upstream_host} {{",
+        "\t\t\theader_up Host {upstream_hostport}",
         "\t\t\theader_down -X-Request-Id",
         "\t\t}",
         "\t}",
@@ -73,3 +75,10 @@ def render(plan: Plan) -> str:
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _body_limit(plan: Plan) -> list[str]:
+    limit = plan.config.server.max_body_size
+    if limit is None:
+        return []
+    return ["\t\trequest_body {", f"\t\t\tmax_size {limit}", "\t\t}"]
