@@ -116,7 +116,7 @@ class DecisionListener:
         key = (record.route, record.decision or "error")
         self.counts[key] = self.counts.get(key, 0) + 1
         record.duration = time.perf_counter() - started
-        _log(gateway, request, record)
+        gateway.access_log.write(request, record, decision=True)
         return response
 
 
@@ -148,30 +148,6 @@ def _original(request: web.BaseRequest) -> Original:
     if path == EXT_AUTHZ_PREFIX or path.startswith(EXT_AUTHZ_PREFIX + "/"):
         return from_ext_authz(request)
     raise NotFound("no such decision endpoint: use /auth or /ext_authz/", reason="no_endpoint")
-
-
-def _log(gateway: Gateway, request: web.BaseRequest, record: RequestRecord) -> None:
-    access = gateway.access_log
-    if not access.enabled:
-        return
-    access.emit(
-        {
-            "ts": round(time.time(), 3),
-            "type": "decision",
-            "request_id": record.request_id,
-            "client": record.client or request.remote,
-            "method": record.method,
-            "path": (record.path or "")[:256],
-            "route": record.route,
-            "status": record.status,
-            "duration_ms": round(record.duration * 1000, 3),
-            "decision": record.decision,
-            "reason": record.reason,
-            "key": record.fingerprint,
-            "key_id": record.key_id,
-            "role": record.role,
-        }
-    )
 
 
 def decision_app(gateway: Gateway) -> web.Application:

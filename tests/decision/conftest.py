@@ -9,7 +9,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from gateway.decision.dataplane import caddy, nginx
 from gateway.decision.dataplane.common import make_plan
 from gateway.decision.listener import decision_app
 from tests.conftest import FakeTower, FakeUpstream, gateway_config, quiet_server
+from tests.security.conftest import free_port
 
 DECISION_TOKEN = "decision-token-for-tests-0123"
 
@@ -73,13 +73,6 @@ async def make_decision(
         return DecisionHarness(gateway, client, proxy, ops, fake_tower, fake_upstream, server.port)
 
     return factory
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -20,7 +20,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from tests.conftest import ADMIN_TOKEN, JWT_SECRET
+from tests.conftest import ADMIN_TOKEN, JWT_SECRET, FakeUpstream
 from tests.decision.conftest import (
     DataPlane,
     DecisionFactory,
@@ -44,19 +44,29 @@ def routes(upstream: str) -> list[dict[str, Any]]:
     return [{**r, "upstream": upstream} for r in ROUTES_WITHOUT_ROOT]
 
 
-async def setup(
+Opener = Callable[..., Awaitable[tuple[DecisionHarness, DataPlane]]]
+
+
+@pytest.fixture
+async def open_plane(
     make_decision: DecisionFactory,
     dataplanes: list[DataPlane],
-    kind: str,
     tmp_path: Path,
-    *,
-    upstream: str | None = None,
-    **overrides: Any,
-) -> tuple[DecisionHarness, DataPlane]:
-    h = await make_decision(**overrides)
-    plane = await start_dataplane(kind, h, tmp_path / kind, upstream=upstream)
-    dataplanes.append(plane)
-    return h, plane
+    fake_upstream: FakeUpstream,
+) -> Opener:
+    """`await open_plane(kind, **gateway overrides)`: the decision listener and a real
+    nginx or Caddy in front of it (routes without `/` unless given)."""
+
+    async def open_(
+        kind: str, *, upstream: str | None = None, **overrides: Any
+    ) -> tuple[DecisionHarness, DataPlane]:
+        overrides.setdefault("routes", routes(fake_upstream.url))
+        h = await make_decision(**overrides)
+        plane = await start_dataplane(kind, h, tmp_path / kind, upstream=upstream)
+        dataplanes.append(plane)
+        return h, plane
+
+    return open_
 
 
 async def get(
@@ -89,20 +99,9 @@ def jwt_claims(value: str | None) -> dict[str, Any]:
     return claims
 
 
-@pytest.fixture
-async def url_routes(fake_upstream: Any) -> list[dict[str, Any]]:
-    return routes(fake_upstream.url)
-
-
 @pytest.mark.parametrize("kind", PLANES)
-async def test_allow_forwards_with_jwt_and_without_the_key(
-    make_decision: DecisionFactory,
-    dataplanes: list[DataPlane],
-    tmp_path: Path,
-    kind: str,
-    url_routes: list[dict[str, Any]],
-) -> None:
-    h, plane = await setup(make_decision, dataplanes, kind, tmp_path, routes=url_routes)
+async def test_allow_forwards_with_jwt_and_without_the_key(open_plane: Opener, kind: str) -> None:
+    h, plane = await open_plane(kind)
     status, headers, body, _ = await get(
         plane,
         "/api/items?page=2",
@@ -140,14 +139,8 @@ async def test_allow_forwards_with_jwt_and_without_the_key(
 
 
 @pytest.mark.parametrize("kind", PLANES)
-async def test_key_in_authorization_is_replaced_by_the_jwt(
-    make_decision: DecisionFactory,
-    dataplanes: list[DataPlane],
-    tmp_path: Path,
-    kind: str,
-    url_routes: list[dict[str, Any]],
-) -> None:
-    h, plane = await setup(make_decision, dataplanes, kind, tmp_path, routes=url_routes)
+async def test_key_in_authorization_is_replaced_by_the_jwt(open_plane: Opener, kind: str) -> None:
+    h, plane = await open_plane(kind)
     status, _, body, _ = await get(plane, "/api/x", headers={"Authorization": "Bearer good-key-1"})
     assert status == 200, body
     seen = h.upstream.seen[-1]
@@ -157,18 +150,10 @@ async def test_key_in_authorization_is_replaced_by_the_jwt(
 
 @pytest.mark.parametrize("kind", PLANES)
 async def test_every_denial_reaches_the_client_as_the_proxy_listener_gives_it(
-    make_decision: DecisionFactory,
-    dataplanes: list[DataPlane],
-    tmp_path: Path,
-    kind: str,
-    url_routes: list[dict[str, Any]],
+    open_plane: Opener, kind: str
 ) -> None:
-    h, plane = await setup(
-        make_decision,
-        dataplanes,
+    h, plane = await open_plane(
         kind,
-        tmp_path,
-        routes=url_routes,
         credentials={"failed_auth_per_minute": 0},
     )
     # 401 without a key: WWW-Authenticate.
@@ -208,19 +193,9 @@ async def test_every_denial_reaches_the_client_as_the_proxy_listener_gives_it(
 
 
 @pytest.mark.parametrize("kind", PLANES)
-async def test_rate_limit_429_with_retry_after(
-    make_decision: DecisionFactory,
-    dataplanes: list[DataPlane],
-    tmp_path: Path,
-    kind: str,
-    url_routes: list[dict[str, Any]],
-) -> None:
-    _, plane = await setup(
-        make_decision,
-        dataplanes,
+async def test_rate_limit_429_with_retry_after(open_plane: Opener, kind: str) -> None:
+    _, plane = await open_plane(
         kind,
-        tmp_path,
-        routes=url_routes,
         rate_limit={"default_per_minute": 3},
     )
     statuses = []
@@ -235,14 +210,8 @@ async def test_rate_limit_429_with_retry_after(
 
 
 @pytest.mark.parametrize("kind", PLANES)
-async def test_tower_outage_is_503_with_retry_after(
-    make_decision: DecisionFactory,
-    dataplanes: list[DataPlane],
-    tmp_path: Path,
-    kind: str,
-    url_routes: list[dict[str, Any]],
-) -> None:
-    h, plane = await setup(make_decision, dataplanes, kind, tmp_path, routes=url_routes)
+async def test_tower_outage_is_503_with_retry_after(open_plane: Opener, kind: str) -> None:
+    h, plane = await open_plane(kind)
     h.tower.mode = "error500"
     status, headers, body, _ = await get(plane, "/api/x", headers={"X-API-Key": "good-key-1"})
     check_error(status, headers, body, 503)
@@ -251,14 +220,8 @@ async def test_tower_outage_is_503_with_retry_after(
 
 
 @pytest.mark.parametrize("kind", PLANES)
-async def test_decision_listener_down_fails_closed(
-    make_decision: DecisionFactory,
-    dataplanes: list[DataPlane],
-    tmp_path: Path,
-    kind: str,
-    url_routes: list[dict[str, Any]],
-) -> None:
-    h, plane = await setup(make_decision, dataplanes, kind, tmp_path, routes=url_routes)
+async def test_decision_listener_down_fails_closed(open_plane: Opener, kind: str) -> None:
+    h, plane = await open_plane(kind)
     await h.decision.close()
     status, _, body, _ = await get(plane, "/api/x", headers={"X-API-Key": "good-key-1"})
     assert status in (502, 503)
@@ -267,14 +230,8 @@ async def test_decision_listener_down_fails_closed(
 
 
 @pytest.mark.parametrize("kind", PLANES)
-async def test_public_route_needs_no_key_and_forwards_none(
-    make_decision: DecisionFactory,
-    dataplanes: list[DataPlane],
-    tmp_path: Path,
-    kind: str,
-    url_routes: list[dict[str, Any]],
-) -> None:
-    h, plane = await setup(make_decision, dataplanes, kind, tmp_path, routes=url_routes)
+async def test_public_route_needs_no_key_and_forwards_none(open_plane: Opener, kind: str) -> None:
+    h, plane = await open_plane(kind)
     status, _, body, _ = await get(plane, "/public/page")
     assert status == 200, body
     status, _, body, _ = await get(
@@ -290,14 +247,8 @@ async def test_public_route_needs_no_key_and_forwards_none(
 
 
 @pytest.mark.parametrize("kind", PLANES)
-async def test_body_upload_streams_through(
-    make_decision: DecisionFactory,
-    dataplanes: list[DataPlane],
-    tmp_path: Path,
-    kind: str,
-    url_routes: list[dict[str, Any]],
-) -> None:
-    h, plane = await setup(make_decision, dataplanes, kind, tmp_path, routes=url_routes)
+async def test_body_upload_streams_through(open_plane: Opener, kind: str) -> None:
+    h, plane = await open_plane(kind)
     payload = os.urandom(3 * 1024 * 1024 + 17)
     status, _, body, _ = await get(
         plane,
@@ -323,30 +274,17 @@ async def revoke(h: DecisionHarness, key: str, key_id: str) -> None:
 
 @pytest.mark.parametrize("kind", PLANES)
 async def test_revoked_key_stops_at_once_without_decision_caching(
-    make_decision: DecisionFactory,
-    dataplanes: list[DataPlane],
-    tmp_path: Path,
-    kind: str,
-    url_routes: list[dict[str, Any]],
+    open_plane: Opener, kind: str
 ) -> None:
-    h, plane = await setup(make_decision, dataplanes, kind, tmp_path, routes=url_routes)
+    h, plane = await open_plane(kind)
     assert (await get(plane, "/api/x", headers={"X-API-Key": "good-key-1"}))[0] == 200
     await revoke(h, "good-key-1", "k1")
     assert (await get(plane, "/api/x", headers={"X-API-Key": "good-key-1"}))[0] == 401
 
 
-async def test_nginx_cache_revoked_key_stops_within_cache_ttl(
-    make_decision: DecisionFactory,
-    dataplanes: list[DataPlane],
-    tmp_path: Path,
-    url_routes: list[dict[str, Any]],
-) -> None:
-    h, plane = await setup(
-        make_decision,
-        dataplanes,
+async def test_nginx_cache_revoked_key_stops_within_cache_ttl(open_plane: Opener) -> None:
+    h, plane = await open_plane(
         "nginx",
-        tmp_path,
-        routes=url_routes,
         decision={"cache_ttl": 2},
     )
     key = {"X-API-Key": "good-key-1"}
@@ -367,17 +305,10 @@ async def test_nginx_cache_revoked_key_stops_within_cache_ttl(
 
 
 async def test_nginx_cached_allow_is_never_reused_for_another_key_method_or_route(
-    make_decision: DecisionFactory,
-    dataplanes: list[DataPlane],
-    tmp_path: Path,
-    url_routes: list[dict[str, Any]],
+    open_plane: Opener,
 ) -> None:
-    h, plane = await setup(
-        make_decision,
-        dataplanes,
+    h, plane = await open_plane(
         "nginx",
-        tmp_path,
-        routes=url_routes,
         decision={"cache_ttl": 30},
     )
     admin, operator = {"X-API-Key": "admin-key-1"}, {"X-API-Key": "good-key-1"}
@@ -402,16 +333,10 @@ async def test_nginx_cached_allow_is_never_reused_for_another_key_method_or_rout
 
 @pytest.mark.parametrize("kind", PLANES)
 async def test_websocket_upgrade_with_header_auth(
-    make_decision: DecisionFactory,
-    dataplanes: list[DataPlane],
-    tmp_path: Path,
-    kind: str,
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    open_plane: Opener, kind: str, aiohttp_server: Callable[..., Awaitable[TestServer]]
 ) -> None:
     ws_url, seen = await ws_echo_upstream(aiohttp_server)
-    _, plane = await setup(
-        make_decision, dataplanes, kind, tmp_path, routes=routes(ws_url), upstream=ws_url
-    )
+    _, plane = await open_plane(kind, routes=routes(ws_url), upstream=ws_url)
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(plane.url + "/chat/room", headers={"X-API-Key": "good-key-1"}) as ws,

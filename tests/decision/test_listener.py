@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import json
 import time
 from typing import Any
 
 import jwt as pyjwt
 import pytest
 
+from gateway.accesslog import AccessLog
+from gateway.audit import AuditLog
 from gateway.decision.answer import ERROR_HEADER
 from gateway.decision.listener import TOKEN_HEADER
 from tests.conftest import JWT_SECRET
@@ -238,17 +242,31 @@ async def test_decisions_are_counted_audited_and_logged(
     make_decision: DecisionFactory,
 ) -> None:
     h = await make_decision()
-    await ask(h, "GET", "/tools/x", **{"X-API-Key": "good-key-1"})
+    access, audit = io.StringIO(), io.StringIO()
+    h.gateway.access_log = AccessLog(access)
+    h.gateway.audit = AuditLog(AccessLog(audit, name="audit-log"))
+    await ask(h, "GET", "/tools/x?page=1", **{"X-API-Key": "good-key-1"})
     await ask(h, "GET", "/admin/x", **{"X-API-Key": "good-key-1"})
     await ask(h, "GET", "/public/x")
     text = await h.metrics()
     assert 'tower_gateway_decisions_total{outcome="allow",route="tools"} 1.0' in text
     assert 'tower_gateway_decisions_total{outcome="deny",route="admin"} 1.0' in text
     assert 'tower_gateway_decisions_total{outcome="public",route="public"} 1.0' in text
-    assert "good-key-1" not in text
-    events = h.gateway.audit.recent(10) if hasattr(h.gateway.audit, "recent") else None
-    if events is not None:
-        assert any(e.get("decision") == "deny" for e in events)
+    h.gateway.access_log.close()  # joins the writer threads: every line is written
+    h.gateway.audit.close()
+    logged = [json.loads(line) for line in access.getvalue().splitlines()]
+    assert [(e["type"], e["method"], e["path"], e["status"]) for e in logged] == [
+        ("decision", "GET", "/tools/x", 200),
+        ("decision", "GET", "/admin/x", 403),
+        ("decision", "GET", "/public/x", 200),
+    ]
+    events = [json.loads(line) for line in audit.getvalue().splitlines()]
+    assert [(e["decision"], e["path"], e.get("reason")) for e in events] == [
+        ("allow", "/tools/x", None),
+        ("deny", "/admin/x", "missing_capability"),
+    ]
+    assert "good-key-1" not in access.getvalue() + audit.getvalue() + text
+    assert DECISION_TOKEN not in access.getvalue() + audit.getvalue()
 
 
 # The same request to the proxy listener and to the decision listener: the same answer.
