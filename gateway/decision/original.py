@@ -73,7 +73,10 @@ def _checked_uri(uri: str) -> str:
 
 
 def from_auth(request: web.BaseRequest) -> Original:
-    """The original request of an `/auth` decision request; 400 when it names none."""
+    """The original request of an `/auth` decision request; 400 when it names none, or
+    names it twice (both pairs: one of them is a client's, which the data plane let
+    through, and no decision could tell which)."""
+    found: list[tuple[str, str]] = []
     for method_header, uri_header in _PAIRS:
         method, uri = _single(request, method_header), _single(request, uri_header)
         if method is None and uri is None:
@@ -83,12 +86,15 @@ def from_auth(request: web.BaseRequest) -> Original:
                 f"{method_header} and {uri_header} are sent together",
                 reason="bad_original_request",
             )
-        return Original(method, _checked_uri(uri), _client(request), _upgrade(request))
-    raise BadRequest(
-        "no original request: send X-Original-Method and X-Original-URI "
-        "(or X-Forwarded-Method and X-Forwarded-Uri)",
-        reason="bad_original_request",
-    )
+        found.append((method, uri))
+    if len(found) != 1:
+        raise BadRequest(
+            "send one original request: X-Original-Method and X-Original-URI, "
+            "or X-Forwarded-Method and X-Forwarded-Uri",
+            reason="bad_original_request",
+        )
+    method, uri = found[0]
+    return Original(method, _checked_uri(uri), _client(request), _upgrade(request))
 
 
 def from_ext_authz(request: web.BaseRequest) -> Original:

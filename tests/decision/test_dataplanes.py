@@ -139,6 +139,21 @@ async def test_allow_forwards_with_jwt_and_without_the_key(open_plane: Opener, k
 
 
 @pytest.mark.parametrize("kind", PLANES)
+async def test_a_client_cannot_name_its_own_original_request(open_plane: Opener, kind: str) -> None:
+    h, plane = await open_plane(kind)
+    forged = {
+        "X-API-Key": "good-key-1",  # may call /tools, not /admin
+        "X-Original-Method": "GET",
+        "X-Original-URI": "/tools/x",
+        "X-Forwarded-Method": "GET",
+        "X-Forwarded-Uri": "/tools/x",
+    }
+    status, headers, body, _ = await get(plane, "/admin/x", headers=forged)
+    assert check_error(status, headers, body, 403)["error"] == "missing_capability"
+    assert h.upstream.seen == []
+
+
+@pytest.mark.parametrize("kind", PLANES)
 async def test_key_in_authorization_is_replaced_by_the_jwt(open_plane: Opener, kind: str) -> None:
     h, plane = await open_plane(kind)
     status, _, body, _ = await get(plane, "/api/x", headers={"Authorization": "Bearer good-key-1"})

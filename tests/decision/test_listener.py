@@ -99,6 +99,15 @@ async def test_original_uri_is_checked_as_a_request_path(
         ({"X-Original-Method": "GET"}, 400),
         ({"X-Original-URI": "/x"}, 400),
         ({"X-Original-Method": "TRACE", "X-Original-URI": "/x"}, 405),
+        (
+            {
+                "X-Original-Method": "GET",
+                "X-Original-URI": "/tools/x",
+                "X-Forwarded-Method": "GET",
+                "X-Forwarded-Uri": "/admin/x",
+            },
+            400,
+        ),
         ({"X-Original-Method": "get", "X-Original-URI": "/x"}, 400),
     ],
 )

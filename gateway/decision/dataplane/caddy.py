@@ -44,6 +44,9 @@ def render(plan: Plan) -> str:
         f"\t\trequest_header -{CARRIER}",
         f"\t\tforward_auth {plan.decision_address} {{",
         "\t\t\turi /auth",
+        "\t\t\t# A client's own original request: removed (Caddy sets X-Forwarded-*).",
+        "\t\t\theader_up -X-Original-Method",
+        "\t\t\theader_up -X-Original-URI",
     ]
     token = plan.decision.token
     if token is not None:

@@ -130,6 +130,9 @@ def render(plan: Plan) -> str:
     add("            proxy_set_header Upgrade $http_upgrade;")
     add("            proxy_set_header X-Original-Method $request_method;")
     add("            proxy_set_header X-Original-URI $request_uri;")
+    add("            # A client's own copies of the other pair: the decision refuses both.")
+    add('            proxy_set_header X-Forwarded-Method "";')
+    add('            proxy_set_header X-Forwarded-Uri "";')
     add("            proxy_set_header X-Forwarded-For $remote_addr;")
     add("            proxy_set_header X-Request-Id $tg_request_id;")
     token = plan.decision.token

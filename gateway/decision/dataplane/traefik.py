@@ -21,6 +21,8 @@ def document(plan: Plan) -> dict[str, Any]:
     # decision reads (and the JWT header when it is one of them: the answer replaces it).
     keys = {h.lower() for h in plan.key_headers}
     before = {h: "" for h in plan.stripped() if h.lower() not in keys}
+    # A client's own original request: removed (Traefik sets X-Forwarded-Method/Uri).
+    before.update({"X-Original-Method": "", "X-Original-URI": ""})
     if plan.decision.token is not None:
         before[TOKEN_HEADER] = plan.decision.token
     after = {h: "" for h in plan.key_headers if h.lower() != jwt.lower()}
