@@ -306,6 +306,9 @@ async def test_nginx_cache_revoked_key_stops_within_cache_ttl(open_plane: Opener
     assert (await get(plane, "/api/x", headers=key))[0] == 200
     decided = len(h.tower.calls)
     assert (await get(plane, "/api/x", headers=key))[0] == 200
+    # Answered from nginx's cache: the cached answer's JWT still reaches the upstream.
+    assert jwt_claims(h.upstream.seen[-1].header("Authorization"))["key_id"] == "k1"
+    assert len(h.upstream.seen) == 2
     revoked_at = time.monotonic()
     await revoke(h, "good-key-1", "k1")
     while (await get(plane, "/api/x", headers=key))[0] == 200:

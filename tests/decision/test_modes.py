@@ -69,15 +69,18 @@ def write_config(tmp_path: Path, tower_url: str, port: int, **extra: Any) -> Pat
     return path
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_serve_decision_only_answers_and_stops_on_sigterm(
-    tmp_path: Path, fake_tower: FakeTower
+    tmp_path: Path, fake_tower: FakeTower, workers: int
 ) -> None:
     fake_tower.add("good-key-1", key_id="k1", user_id="u1", role="operator")
     port = free_port()
     path = write_config(tmp_path, fake_tower.url, port, server={"enabled": False})
+    ops_port = yaml.safe_load(path.read_text())["ops"]["port"]
+    argv = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
     with (tmp_path / "stderr.log").open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+            [*argv, "--workers", str(workers)],
             env={**os.environ, **ENV},
             stdout=subprocess.DEVNULL,
             stderr=log,
@@ -100,6 +103,14 @@ async def test_serve_decision_only_answers_and_stops_on_sigterm(
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError("the decision listener did not answer")
+            for _ in range(100):
+                async with session.get(f"http://127.0.0.1:{ops_port}/metrics") as r:
+                    text = await r.text()
+                if 'tower_gateway_decisions_total{' in text and 'outcome="allow"' in text:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"no decision counted on the ops listener:\n{text[-2000:]}")
         os.kill(process.pid, signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 20) == 0
     finally:
@@ -285,3 +296,24 @@ def test_reload_applies_decision_token_and_ttl_and_asks_a_restart_for_the_rest()
     )
     merged, _, restart = merge(plain, with_decision)
     assert merged.decision is None and restart == ("decision",)
+
+
+def test_explain_cli_prints_the_decision_row() -> None:
+    from gateway.explain_cli import report
+
+    text = report(
+        {
+            "decision": "allow",
+            "method": "GET",
+            "path": "/x",
+            "status": 200,
+            "reason": "allowed",
+            "detail": "allowed",
+            "decision_mode": {
+                "listener": "127.0.0.1:9092",
+                "status": 200,
+                "cache_control": "private, max-age=5",
+            },
+        }
+    )
+    assert "decision     200 on 127.0.0.1:9092, private, max-age=5" in text

@@ -105,8 +105,8 @@ def render(plan: Plan) -> str:
     add("            proxy_set_header Connection $tg_connection;")
     add("            # The client's key, its copies of the JWT and identity headers: removed.")
     for header in plan.stripped():
-        if header.lower() == plan.jwt_header.lower():
-            continue
+        if header.lower() in (plan.jwt_header.lower(), "x-gateway-shadow-decision"):
+            continue  # set below
         add(f'            proxy_set_header {header} "";')
     add(f"            proxy_set_header {plan.jwt_header} $tg_jwt;  # empty on public routes: unset")
     add("            proxy_set_header X-Gateway-Shadow-Decision $tg_shadow;")
