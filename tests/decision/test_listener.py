@@ -305,3 +305,23 @@ async def test_decision_equals_the_proxy_listeners(
     assert await decided.json() == await proxied.json()
     for name in ("WWW-Authenticate", "Retry-After"):
         assert decided.headers.get(name) == proxied.headers.get(name)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["/\u00e4", "/a b", "/%00", "/a\\\\b", "/" + "a" * 9000, "/%", "/a?%zz", "*", "", "/a#frag"],
+)
+async def test_odd_original_uris_never_crash(make_decision: DecisionFactory, uri: str) -> None:
+    h = await make_decision()
+    response = await h.decision.get(
+        "/auth",
+        headers={**TOKEN, "X-Original-Method": "GET", "X-API-Key": "good-key-1"}
+        | {"X-Original-URI": uri.encode("utf-8").decode("latin-1")},
+    )
+    assert response.status in (200, 400), uri
+    if response.status == 400:
+        assert (await response.json())["error"] in (
+            "bad_path",
+            "bad_original_request",
+            "malformed_request",  # a header longer than server.max_field_size
+        )

@@ -106,7 +106,7 @@ async def test_serve_decision_only_answers_and_stops_on_sigterm(
             for _ in range(100):
                 async with session.get(f"http://127.0.0.1:{ops_port}/metrics") as r:
                     text = await r.text()
-                if 'tower_gateway_decisions_total{' in text and 'outcome="allow"' in text:
+                if "tower_gateway_decisions_total{" in text and 'outcome="allow"' in text:
                     break
                 await asyncio.sleep(0.05)
             else:
