@@ -86,6 +86,7 @@ def check_error(
     assert status == expected, body
     assert headers["Content-Type"].startswith("application/json")
     assert headers.get("X-Request-Id")
+    assert "X-Tower-Gateway-Error" not in headers
     document: dict[str, Any] = json.loads(body)
     assert set(document) == {"error", "detail"}
     return document

@@ -11,6 +11,7 @@ a copied header the decision did not send (a public route sends none).
 
 from __future__ import annotations
 
+from gateway.decision.answer import ERROR_HEADER
 from gateway.decision.dataplane.common import Plan
 from gateway.decision.listener import TOKEN_HEADER
 
@@ -40,6 +41,11 @@ def render(plan: Plan) -> str:
         f"http://{plan.listen_host}:{plan.listen_port} {{",
         "\troute {",
         *_body_limit(plan),
+        "\t\t# The denial body's copy for nginx is not the client's business.",
+        "\t\theader {",
+        f"\t\t\t-{ERROR_HEADER}",
+        "\t\t\tdefer",
+        "\t\t}",
         "\t\t# A client's own copy of the carrier never survives to the copy below.",
         f"\t\trequest_header -{CARRIER}",
         f"\t\tforward_auth {plan.decision_address} {{",
