@@ -280,6 +280,28 @@ async def test_body_upload_streams_through(open_plane: Opener, kind: str) -> Non
     assert h.upstream.seen[-1].method == "POST"
 
 
+@pytest.mark.parametrize("kind", PLANES)
+async def test_body_over_max_body_size_is_the_proxy_listeners_413(
+    open_plane: Opener, kind: str
+) -> None:
+    h, plane = await open_plane(kind, server={"max_body_size": 1000})
+    status, headers, body, _ = await get(
+        plane,
+        "/api/upload",
+        method="POST",
+        data=b"x" * 5000,
+        headers={"X-API-Key": "good-key-1"},
+    )
+    assert status == 413, body
+    document = json.loads(body)
+    assert document == {
+        "error": "body_too_large",
+        "detail": "request body larger than 1000 bytes",
+    }
+    assert headers["Content-Type"].startswith("application/json")
+    assert h.upstream.seen == []
+
+
 async def revoke(h: DecisionHarness, key: str, key_id: str) -> None:
     h.tower.keys.pop(key)
     response = await h.ops.delete(

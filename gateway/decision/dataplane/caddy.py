@@ -12,7 +12,7 @@ a copied header the decision did not send (a public route sends none).
 from __future__ import annotations
 
 from gateway.decision.answer import ERROR_HEADER
-from gateway.decision.dataplane.common import Plan
+from gateway.decision.dataplane.common import Plan, too_large
 from gateway.decision.listener import TOKEN_HEADER
 
 CARRIER = "X-Tower-Gateway-Jwt"
@@ -79,6 +79,7 @@ def render(plan: Plan) -> str:
         "\t\theader Content-Type application/json",
         "\t\theader Cache-Control no-store",
         "\t\theader X-Content-Type-Options nosniff",
+        *_too_large(plan),
         f"\t\trespond `{DOWN}` {{err.status_code}}",
         "\t}",
         "}",
@@ -91,3 +92,15 @@ def _body_limit(plan: Plan) -> list[str]:
     if limit is None:
         return []
     return ["\t\trequest_body {", f"\t\t\tmax_size {limit}", "\t\t}"]
+
+
+def _too_large(plan: Plan) -> list[str]:
+    limit = plan.config.server.max_body_size
+    if limit is None:
+        return []
+    return [
+        # Caddy 2.6 reports a body over request_body's max_size as a proxy error (502).
+        "\t\t@too_large expression {err.status_code} == 413 || "
+        '{err.message}.contains("request body too large")',
+        f"\t\trespond @too_large `{too_large(limit)}` 413",
+    ]

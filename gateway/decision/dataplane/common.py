@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
@@ -26,6 +27,13 @@ DENIAL_STATUSES: Final = (400, 401, 403, 404, 405, 429, 500, 503)
 DECISION_DOWN: Final = (
     '{"error": "decision_unavailable", "detail": "the decision service did not answer"}'
 )
+
+
+def too_large(limit: int) -> str:
+    """The proxy listener's 413 body for `server.max_body_size`."""
+    return json.dumps(
+        {"error": "body_too_large", "detail": f"request body larger than {limit} bytes"}
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ re-emits the real status with the JSON body the decision carried in
 from __future__ import annotations
 
 from gateway.decision.answer import ERROR_HEADER
-from gateway.decision.dataplane.common import DECISION_DOWN, DENIAL_STATUSES, Plan
+from gateway.decision.dataplane.common import DECISION_DOWN, DENIAL_STATUSES, Plan, too_large
 from gateway.decision.listener import TOKEN_HEADER
 
 # Decision answer headers the client or the upstream gets: (variable, header).
@@ -95,6 +95,8 @@ def render(plan: Plan) -> str:
     for variable, header in _CAPTURED:
         add(f"            auth_request_set ${variable} {_var(header)};")
     add("            error_page 401 403 500 = @tower_gateway_denied;")
+    if max_body:
+        add("            error_page 413 @tower_gateway_too_large;")
     add("")
     add("            proxy_pass " + f"{plan.upstream_scheme}://tower_gateway_upstream;")
     add("            proxy_http_version 1.1;")
@@ -168,6 +170,15 @@ def render(plan: Plan) -> str:
         add(f"            if ($tg_status = {status}) {{ return {status} $tg_error; }}")
     add(f"            return 503 {_quote(DECISION_DOWN)};")
     add("        }")
+    if max_body:
+        add("")
+        add("        location @tower_gateway_too_large {")
+        add("            default_type application/json;")
+        add("            add_header X-Request-Id $tg_request_id always;")
+        add("            add_header Cache-Control no-store always;")
+        add("            add_header X-Content-Type-Options nosniff always;")
+        add(f"            return 413 {_quote(too_large(max_body))};")
+        add("        }")
     add("    }")
     add("}")
     return "\n".join(lines) + "\n"
