@@ -103,9 +103,11 @@ async def test_serve_decision_only_answers_and_stops_on_sigterm(
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError("the decision listener did not answer")
+            text = ""
             for _ in range(600):
-                async with session.get(f"http://127.0.0.1:{ops_port}/metrics") as r:
-                    text = await r.text()
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with session.get(f"http://127.0.0.1:{ops_port}/metrics") as r:
+                        text = await r.text()
                 if "tower_gateway_decisions_total{" in text and 'outcome="allow"' in text:
                     break
                 await asyncio.sleep(0.05)
