@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from gateway.cli import main
-from gateway.config import parse_config
+from gateway.config import parse_config, summary
 from gateway.decision.dataplane import envoy, traefik
 from gateway.decision.dataplane.common import make_plan
 from gateway.decision.listener import TOKEN_HEADER
@@ -38,6 +38,7 @@ def test_decision_only_config_needs_no_upstream() -> None:
     config = parse_config(base(server={"enabled": False}, decision={"cache_ttl": 5}), env=ENV)
     assert config.decision is not None and config.decision.cache_ttl == 5
     assert not config.server.enabled
+    assert "listen off, decision 127.0.0.1:9092," in summary(config)
 
 
 @pytest.mark.parametrize(
