@@ -14,7 +14,7 @@ from gateway.accesslog import AccessLog
 from gateway.audit import AuditLog
 from gateway.decision.answer import ERROR_HEADER
 from gateway.decision.listener import TOKEN_HEADER
-from tests.conftest import JWT_SECRET
+from tests.conftest import JWT_SECRET, FakeUpstream
 from tests.decision.conftest import DECISION_TOKEN, DecisionFactory, DecisionHarness
 
 TOKEN = {TOKEN_HEADER: DECISION_TOKEN}
@@ -245,6 +245,19 @@ async def test_websocket_upgrade_decision(make_decision: DecisionFactory) -> Non
     bad = await ask(h, "GET", "/chat", **upgrade, Origin="https://evil.example")
     assert bad.status == 403
     assert (await bad.json())["error"] == "origin_not_allowed"
+
+
+async def test_upgrade_on_a_route_without_websockets_is_refused(
+    make_decision: DecisionFactory, fake_upstream: FakeUpstream
+) -> None:
+    h = await make_decision(
+        routes=[{"path": "/", "upstream": fake_upstream.url, "websocket": False}]
+    )
+    upgrade = await ask(h, "GET", "/chat", Upgrade="websocket", **{"X-API-Key": "good-key-1"})
+    assert upgrade.status == 400
+    assert (await upgrade.json())["error"] == "websocket_refused"
+    plain = await ask(h, "GET", "/chat", **{"X-API-Key": "good-key-1"})
+    assert plain.status == 200
 
 
 async def test_decisions_are_counted_audited_and_logged(
