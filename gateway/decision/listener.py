@@ -131,7 +131,10 @@ def _guard(request: web.BaseRequest, settings: DecisionConfig) -> None:
             raise Forbidden("this peer may not ask for decisions", reason="decision_forbidden")
     if settings.token is not None:
         sent = request.headers.get(TOKEN_HEADER, "")
-        if not hmac.compare_digest(sent.encode(), settings.token.encode()):
+        # A header that is not UTF-8 is a mismatch, not an error.
+        if not hmac.compare_digest(
+            sent.encode("utf-8", "surrogateescape"), settings.token.encode()
+        ):
             raise Forbidden("missing or wrong decision token", reason="decision_forbidden")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
@@ -162,6 +163,21 @@ async def test_token_is_required_when_set(make_decision: DecisionFactory) -> Non
         assert (await response.json())["error"] == "decision_forbidden"
         assert DECISION_TOKEN not in await response.text()
     assert h.tower.calls == []
+
+
+async def test_a_token_that_is_not_utf8_is_a_mismatch(make_decision: DecisionFactory) -> None:
+    h = await make_decision()
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.decision.port)
+    writer.write(
+        b"GET /auth HTTP/1.1\r\nHost: x\r\nX-Original-Method: GET\r\nX-Original-URI: /\r\n"
+        b"X-Tower-Gateway-Decision-Token: \xff\xfe-not-utf8-0123456789\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+    assert b"decision_forbidden" in answer
 
 
 async def test_peer_allow_list(make_decision: DecisionFactory) -> None:
