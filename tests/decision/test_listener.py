@@ -180,6 +180,39 @@ async def test_a_token_that_is_not_utf8_is_a_mismatch(make_decision: DecisionFac
     assert b"decision_forbidden" in answer
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"X-Original-URI: /\xff\xfe",
+        b"X-Original-Method: G\xffT",
+        b"X-API-Key: good-key-\xff",
+        b"X-Forwarded-For: \xff",
+    ],
+)
+async def test_non_utf8_header_values_never_crash(
+    make_decision: DecisionFactory, line: bytes
+) -> None:
+    h = await make_decision()
+    headers = {
+        b"X-Original-URI": b"X-Original-URI: /x",
+        b"X-Original-Method": b"X-Original-Method: GET",
+        b"X-API-Key": b"X-API-Key: good-key-1",
+    }
+    headers[line.split(b":")[0]] = line
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.decision.port)
+    writer.write(
+        b"GET /auth HTTP/1.1\r\nHost: x\r\n"
+        + b"\r\n".join(headers.values())
+        + f"\r\nX-Tower-Gateway-Decision-Token: {DECISION_TOKEN}\r\n".encode()
+        + b"Connection: close\r\n\r\n"
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    status = int(answer.split(b" ", 2)[1])
+    assert status in (200, 400, 401), answer[:300]
+
+
 async def test_peer_allow_list(make_decision: DecisionFactory) -> None:
     h = await make_decision(decision={"token": None, "allow_from": ["10.0.0.0/8"]})
     response = await ask(h, "GET", "/", **{"X-API-Key": "good-key-1"})
