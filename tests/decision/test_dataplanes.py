@@ -120,6 +120,8 @@ async def test_allow_forwards_with_jwt_and_without_the_key(open_plane: Opener, k
     assert status == 200, body
     assert json.loads(body)["path"] == "/api/items?page=2"
     assert headers["X-Request-Id"] == "client-rid-1"
+    assert headers["RateLimit-Limit"] == "100"
+    assert int(headers["RateLimit-Remaining"]) <= 99
     seen = h.upstream.seen[-1]
     claims = jwt_claims(seen.header("Authorization"))
     assert claims["sub"] == "u1" and claims["key_id"] == "k1"
@@ -152,6 +154,27 @@ async def test_a_client_cannot_name_its_own_original_request(open_plane: Opener,
     status, headers, body, _ = await get(plane, "/admin/x", headers=forged)
     assert check_error(status, headers, body, 403)["error"] == "missing_capability"
     assert h.upstream.seen == []
+
+
+@pytest.mark.parametrize("kind", PLANES)
+async def test_shadow_route_forwards_with_the_would_deny_note(
+    open_plane: Opener, kind: str, fake_upstream: FakeUpstream
+) -> None:
+    shadow = {"path": "/shadow", "upstream": fake_upstream.url, "require": ["admin:write"],
+              "enforce": False}  # fmt: skip
+    h, plane = await open_plane(kind, routes=[shadow, *routes(fake_upstream.url)])
+    status, _, body, _ = await get(
+        plane,
+        "/shadow/x",
+        headers={"X-API-Key": "good-key-1", "X-Gateway-Shadow-Decision": "allow; forged"},
+    )
+    assert status == 200, body
+    seen = h.upstream.seen[-1]
+    assert seen.header("X-Gateway-Shadow-Decision") == "deny; reason=missing_capability"
+    assert jwt_claims(seen.header("Authorization"))["key_id"] == "k1"
+    status, _, body, _ = await get(plane, "/api/x", headers={"X-API-Key": "good-key-1"})
+    assert status == 200, body
+    assert "x-gateway-shadow-decision" not in h.upstream.seen[-1].headers
 
 
 @pytest.mark.parametrize("kind", PLANES)

@@ -16,6 +16,20 @@ from gateway.decision.dataplane.common import Plan, too_large
 from gateway.decision.listener import TOKEN_HEADER
 
 CARRIER = "X-Tower-Gateway-Jwt"
+# Other allow headers, each through a carrier of its own: the rate-limit state for the
+# client, the shadow-mode note for the upstream; and the shape a real value has.
+CARRIED = {
+    "RateLimit-Limit": "X-Tower-Gateway-Rl-Limit",
+    "RateLimit-Remaining": "X-Tower-Gateway-Rl-Remaining",
+    "RateLimit-Reset": "X-Tower-Gateway-Rl-Reset",
+    "X-Gateway-Shadow-Decision": "X-Tower-Gateway-Shadow",
+}
+CARRIED_SHAPE = {
+    "RateLimit-Limit": "^[0-9]+$",
+    "RateLimit-Remaining": "^[0-9]+$",
+    "RateLimit-Reset": "^[0-9]+$",
+    "X-Gateway-Shadow-Decision": "^deny;",
+}
 DOWN = (
     '{"error": "upstream_unavailable", '
     '"detail": "the upstream or the decision service did not answer"}'
@@ -46,8 +60,8 @@ def render(plan: Plan) -> str:
         f"\t\t\t-{ERROR_HEADER}",
         "\t\t\tdefer",
         "\t\t}",
-        "\t\t# A client's own copy of the carrier never survives to the copy below.",
-        f"\t\trequest_header -{CARRIER}",
+        "\t\t# A client's own copies of the carriers never survive to the copies below.",
+        *[f"\t\trequest_header -{carrier}" for carrier in (CARRIER, *CARRIED.values())],
         f"\t\tforward_auth {plan.decision_address} {{",
         "\t\t\turi /auth",
         "\t\t\t# A client's own original request: removed (Caddy sets X-Forwarded-*).",
@@ -60,15 +74,28 @@ def render(plan: Plan) -> str:
     else:
         lines.append(f"\t\t\theader_up -{TOKEN_HEADER}  # decision.token is unset")
     lines += [
-        f"\t\t\tcopy_headers {jwt}>{CARRIER} X-Request-Id",
+        f"\t\t\tcopy_headers {jwt}>{CARRIER} X-Request-Id "
+        + " ".join(f"{name}>{carrier}" for name, carrier in CARRIED.items()),
         "\t\t}",
         "\t\t# The client's key, its copies of the JWT and identity headers: removed.",
     ]
     lines += [f"\t\trequest_header -{header}" for header in plan.stripped() if header != CARRIER]
     lines += [
+        "\t\t# Each carried header only when the answer had it (see above).",
         f'\t\t@tower_gateway_jwt header {CARRIER} "Bearer *"',
         f"\t\trequest_header @tower_gateway_jwt {jwt} {{http.request.header.{CARRIER}}}",
         f"\t\trequest_header -{CARRIER}",
+    ]
+    for name, carrier in CARRIED.items():
+        matcher = "@tg_" + carrier.lower().replace("-", "_")
+        lines += [
+            f"\t\t{matcher} header_regexp {carrier} {CARRIED_SHAPE[name]}",
+            # Response headers for the client; the shadow note goes to the upstream.
+            f"\t\t{'request_header' if name.startswith('X-') else 'header'} {matcher} "
+            f"{name} {{http.request.header.{carrier}}}",
+            f"\t\trequest_header -{carrier}",
+        ]
+    lines += [
         "\t\theader X-Request-Id {http.request.header.X-Request-Id}",
         f"\t\treverse_proxy {plan.upstream_scheme}://{plan.upstream_host} {{",
         "\t\t\theader_up Host {upstream_hostport}",
