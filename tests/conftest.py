@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,10 +20,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
-from gateway.accesslog import AccessLog
 from gateway.app import Gateway
 from gateway.config import Config, parse_config
-from gateway.httpserver import GatewayRunner
+from gateway.http.server import GatewayRunner
+from gateway.ops.accesslog import AccessLog
 
 pytest_plugins = ("tests.redis_support",)
 
@@ -30,13 +31,44 @@ TOWER_API_KEY = "tower-api-key-for-tests"
 TOWER_SECRET = "tower-secret-for-tests-0123456789"
 JWT_SECRET = "jwt-secret-for-tests-0123456789abcdef"
 ADMIN_TOKEN = "admin-token-for-tests-0123"
+FINGERPRINT_SECRET = "fingerprint-secret-for-tests-0123456789"
 ENV = {
     "TOWER_API_KEY": TOWER_API_KEY,
     "TOWER_SECRET": TOWER_SECRET,
     "GATEWAY_JWT_SECRET": JWT_SECRET,
     "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
+    "GATEWAY_FINGERPRINT_SECRET": FINGERPRINT_SECRET,
 }
-SECRETS = (TOWER_API_KEY, TOWER_SECRET, JWT_SECRET, ADMIN_TOKEN)
+SECRETS = (TOWER_API_KEY, TOWER_SECRET, JWT_SECRET, ADMIN_TOKEN, FINGERPRINT_SECRET)
+
+
+async def until(
+    condition: Callable[[], object],
+    within: float = 5.0,
+    what: str = "the condition",
+    *,
+    interval: float = 0.01,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> None:
+    """Wait until `condition()` (a plain or an async callable) is true, polling every
+    `interval` seconds; fail the test after `within` seconds. Errors of the `ignore`
+    types count as "not yet". For tests to wait for a state, never for a guessed time."""
+    deadline = time.monotonic() + within
+    last: BaseException | None = None
+    while True:
+        try:
+            result = condition()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+        except ignore as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"timed out after {within}s waiting for {what} (last error: {last!r})"
+            )
+        await asyncio.sleep(interval)
 
 
 def tower_record(
@@ -69,6 +101,8 @@ class FakeTower:
     calls: list[str] = field(default_factory=list)
     mode: str = "ok"  # ok | error500 | garbage | wrong_types | unauthorized | hang | redirect
     delay: float = 0.0
+    # When set, each call is recorded and then held until the test sets the event.
+    gate: asyncio.Event | None = None
     url: str = ""
     server: TestServer | None = None  # close it to take the tower down
 
@@ -88,6 +122,8 @@ class FakeTower:
         body = await request.json()
         key = body.get("api_key")
         self.calls.append(key)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.delay:
             await asyncio.sleep(self.delay)
         if (
@@ -272,7 +308,7 @@ GatewayFactory = Callable[..., Awaitable[Harness]]
 
 
 class GatewayTestServer(TestServer):
-    """A test server that runs its app as `gateway.serve` does: under `GatewayRunner`, so
+    """A test server that runs its app as `gateway.runtime.serve` does: under `GatewayRunner`, so
     requests aiohttp's parser refuses are answered as a deployed gateway answers them."""
 
     async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
@@ -296,10 +332,17 @@ async def make_gateway(
     async def factory(
         clock: Callable[[], float] = time.time,
         access_log: AccessLog | None = None,
+        tower_clock: Callable[[], float] = time.monotonic,
         **overrides: Any,
     ) -> Harness:
         config = gateway_config(fake_tower.url, fake_upstream.url, **overrides)
-        gateway = Gateway(config, registry=CollectorRegistry(), clock=clock, access_log=access_log)
+        gateway = Gateway(
+            config,
+            registry=CollectorRegistry(),
+            clock=clock,
+            access_log=access_log,
+            tower_clock=tower_clock,
+        )
         client = await aiohttp_client(await quiet_server(gateway.proxy_app()))
         ops = await aiohttp_client(await quiet_server(gateway.ops_app()))
         return Harness(gateway, client, ops, fake_tower, fake_upstream)

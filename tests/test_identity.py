@@ -9,11 +9,19 @@ from typing import Any
 
 import pytest
 
+from gateway.auth.fingerprint import Fingerprinter
+from gateway.auth.identity import IdentityResolver
 from gateway.config import CacheConfig, TowerConfig
 from gateway.errors import InvalidKey, TowerUnavailable
-from gateway.identity import Fingerprinter, IdentityResolver
 from gateway.tower.client import RemoteTower
-from tests.conftest import TOWER_API_KEY, TOWER_SECRET, FakeTower, GatewayFactory, Harness
+from tests.conftest import (
+    TOWER_API_KEY,
+    TOWER_SECRET,
+    FakeTower,
+    GatewayFactory,
+    Harness,
+    until,
+)
 
 GOOD = {"X-API-Key": "good-key-1"}
 
@@ -77,13 +85,14 @@ async def test_cancelled_first_caller_does_not_fail_the_others(
     make_resolver: ResolverFactory, fake_tower: FakeTower
 ) -> None:
     fake_tower.add("k", key_id="k1", user_id="u1", role="operator")
-    fake_tower.delay = 0.3
+    fake_tower.gate = asyncio.Event()
     resolver = make_resolver()
     first = asyncio.create_task(resolver.resolve("k"))
-    await asyncio.sleep(0.05)
+    await until(lambda: fake_tower.calls == ["k"], what="the first call at the tower")
     others = [asyncio.create_task(resolver.resolve("k")) for _ in range(5)]
-    await asyncio.sleep(0.05)
+    await until(lambda: resolver.stats.waiters == 5, what="five callers waiting on it")
     first.cancel()
+    fake_tower.gate.set()
     results = await asyncio.gather(*others)
     assert first.cancelled()
     assert {r.identity.user_id for r in results} == {"u1"}
@@ -97,12 +106,13 @@ async def test_all_callers_cancelled_still_caches_the_answer(
     make_resolver: ResolverFactory, fake_tower: FakeTower
 ) -> None:
     fake_tower.add("k", key_id="k1", user_id="u1", role="operator")
-    fake_tower.delay = 0.2
+    fake_tower.gate = asyncio.Event()
     resolver = make_resolver()
     task = asyncio.create_task(resolver.resolve("k"))
-    await asyncio.sleep(0.05)
+    await until(lambda: fake_tower.calls == ["k"], what="the call at the tower")
     task.cancel()
-    await asyncio.sleep(0.3)
+    fake_tower.gate.set()
+    await until(lambda: resolver.entry_counts()[0] == 1, what="the answer to be cached")
     assert (await resolver.resolve("k")).source == "hit"
     assert fake_tower.calls == ["k"]
 
@@ -189,11 +199,14 @@ async def test_answer_already_expired_by_the_gateway_clock_is_refused(
     assert info.value.reason == "expired_key"
 
 
-async def test_key_expiring_in_real_time_is_refused_after_expiry(gw: Harness) -> None:
-    gw.tower.keys["good-key-1"]["expires_at"] = time.time() + 1.5
+async def test_a_cached_key_is_refused_once_it_expires(make_gateway: GatewayFactory) -> None:
+    clock = Clock()
+    gw = await make_gateway(clock=clock)
+    gw.tower.add("good-key-1", key_id="k1", user_id="u1", role="operator")
+    gw.tower.keys["good-key-1"]["expires_at"] = clock.now + 1.5
     response = await gw.client.get("/x", headers=GOOD)
     assert response.status == 200
-    await asyncio.sleep(1.6)
+    clock.advance(1.6)
     response = await gw.client.get("/x", headers=GOOD)
     assert response.status == 401
     assert (await response.json())["error"] == "expired_key"
@@ -355,8 +368,8 @@ async def test_invalidate_and_clear(make_resolver: ResolverFactory, fake_tower: 
     resolver = make_resolver()
     for key in ("a", "a2", "b"):
         await resolver.resolve(key)
-    assert len(resolver.invalidate_key_id("ka")) == 2
-    assert resolver.invalidate_key_id("unknown") == set()
+    assert len(resolver.invalidate_key_ids(["ka"])) == 2
+    assert resolver.invalidate_key_ids(["unknown"]) == set()
     assert (await resolver.resolve("b")).source == "hit"
     assert (await resolver.resolve("a")).source == "tower"
     resolver.clear()

@@ -250,12 +250,14 @@ async def test_drop_during_a_tower_call_is_not_undone_by_its_answer(
     make_gateway: GatewayFactory, aiohttp_server: Callable[..., Awaitable[Any]]
 ) -> None:
     """A tower answer decided before an admin drop must not repopulate the cache after it."""
-    revoked = asyncio.Event()
+    revoked, asked, dropped = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def validate(request: web.Request) -> web.Response:
         body = await request.json()
         valid = body["api_key"] == "good-key-1" and not revoked.is_set()
-        await asyncio.sleep(0.4)  # the answer was decided before the drop below
+        if not asked.is_set():
+            asked.set()
+            await dropped.wait()  # the answer was decided before the drop below
         if not valid:
             return web.json_response({"valid": False}, status=401)
         return web.json_response(tower_record("k1", "u1", "operator"))
@@ -265,10 +267,11 @@ async def test_drop_during_a_tower_call_is_not_undone_by_its_answer(
     server = await aiohttp_server(app, host="127.0.0.1")
     h = await make_gateway(tower={"url": str(server.make_url("")).rstrip("/")})
     in_flight = asyncio.create_task(h.client.get("/x", headers=GOOD))
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(asked.wait(), 5)
     revoked.set()
     response = await h.ops.delete("/admin/cache/k1", headers=h.admin_headers())
     assert response.status == 200
+    dropped.set()
     assert (await in_flight).status == 200  # it asked before the revocation
     response = await h.client.get("/x", headers=GOOD)
     assert response.status == 401  # the next request asks the tower again

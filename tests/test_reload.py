@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,10 +23,10 @@ import yaml
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
-from gateway.admin import config_json
 from gateway.app import Gateway
 from gateway.config import load_config
-from gateway.reload import merge
+from gateway.ops.admin import config_json
+from gateway.ops.reload import merge
 from tests.conftest import (
     ADMIN_TOKEN,
     ENV,
@@ -35,6 +36,7 @@ from tests.conftest import (
     Harness,
     quiet_server,
 )
+from tests.conftest import until as shared_until
 from tests.test_ops import sample
 from tests.test_workers import START_TIMEOUT, StartGroup, free_port, until, write_config
 from tests.test_workers import start_group as start_group  # a fixture, shared
@@ -210,11 +212,13 @@ async def test_a_request_finishes_on_the_config_it_started_with(
     h = file_gateway.harness
     file_gateway.write(admin_require=[])
     await file_gateway.reload()
-    h.tower.delay = 0.4  # the request is inside its tower call when the reload lands
+    h.tower.gate = asyncio.Event()  # the request is inside its tower call when the reload lands
+    calls = len(h.tower.calls)
     in_flight = asyncio.create_task(h.client.get("/admin/x", headers=GOOD))
-    await asyncio.sleep(0.15)
+    await shared_until(lambda: len(h.tower.calls) > calls, what="the request's tower call")
     file_gateway.write(admin_require=["admin:write"])
     assert (await file_gateway.reload())["changed"] == ["routes"]
+    h.tower.gate.set()
     assert (await in_flight).status == 200  # all of the old config, not the new require
     assert await status_of(h) == 403
 
@@ -254,7 +258,7 @@ async def test_effective_config_redacts_every_secret(
     file_gateway.write(
         admin_require=[],
         admin={"webhook_secret": "webhook-secret-0123456789"},
-        cache={"fingerprint_secret": "fingerprint-secret-0123456789"},
+        cache={"fingerprint_secret": "fingerprint-secret-0123456789-abcdef"},
         redis={"url": "redis://user:redis-password-123@127.0.0.1:6390/0?password=q-secret-9"},
     )
     await file_gateway.reload()  # redis and cache are restart-only: read the file directly too
@@ -298,8 +302,8 @@ def test_merge_takes_live_keys_and_names_the_rest(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(changed))
     loaded = load_config(path, env=ENV)
     effective, live, restart = merge(running, loaded)
-    assert live == ("routes", "websocket", "log.level")
-    assert restart == ("tower.timeout", "jwt.ttl", "log.access")
+    assert live == ("routes", "jwt", "websocket", "log.level")
+    assert restart == ("tower.timeout", "log.access")
     assert effective.routes == loaded.routes and effective.websocket == loaded.websocket
     assert effective.log.level == "DEBUG" and effective.log.access is False
     assert effective.tower == running.tower
@@ -475,3 +479,72 @@ async def test_a_worker_group_reloads_and_answers_the_admin_api(
             == 1
         )
     assert group.process.poll() is None
+
+
+# --------------------------------------------------------------------------- the signing key
+
+
+def _kid(token: str) -> str:
+    import jwt as pyjwt
+
+    return str(pyjwt.get_unverified_header(token)["kid"])
+
+
+async def _forwarded_kid(h: Harness) -> str:
+    response = await h.client.get("/data", headers=GOOD)
+    assert response.status == 200
+    authorization = h.upstream.seen[-1].header("authorization")
+    assert authorization is not None
+    return _kid(authorization.removeprefix("Bearer "))
+
+
+async def test_a_replaced_key_file_is_a_new_key_at_once(
+    file_gateway: FileGateway, tmp_path: Path
+) -> None:
+    """Rotation after a leak: the same file name, new contents, one reload."""
+    from tests.test_tokens import write_key
+
+    h = file_gateway.harness
+    key_file = write_key(tmp_path / "first", "RS256")
+    jwt_section = {"algorithm": "RS256", "private_key_file": str(key_file)}
+    file_gateway.write(admin_require=["admin:write"], jwt=jwt_section)
+    body = await file_gateway.reload()
+    assert body["changed"] == ["jwt"] and body["restart_required"] == []
+    old_kid = await _forwarded_kid(h)
+    assert old_kid == await _forwarded_kid(h)  # reused while the key stays
+
+    key_file.write_bytes(write_key(tmp_path / "second", "RS256").read_bytes())
+    body = await file_gateway.reload()
+    assert body["changed"] == ["jwt"] and body["restart_required"] == []
+    new_kid = await _forwarded_kid(h)
+    assert new_kid != old_kid  # the cached token of the old key is not reused
+    jwks = (await (await h.ops.get("/.well-known/jwks.json")).json())["keys"]
+    assert [k["kid"] for k in jwks] == [new_kid, old_kid]  # the old one, one token lifetime
+    assert all("d" not in k for k in jwks)
+
+    # Nothing changed: nothing is claimed, and the key stays.
+    body = await file_gateway.reload()
+    assert body["changed"] == [] and body["restart_required"] == []
+    assert await _forwarded_kid(h) == new_kid
+
+
+async def test_the_old_public_key_leaves_the_jwks_after_one_token_lifetime(
+    file_gateway: FileGateway, tmp_path: Path
+) -> None:
+    from gateway.auth.tokens import load_signing_key
+    from gateway.config import JwtConfig
+    from tests.test_tokens import write_key
+
+    h = file_gateway.harness
+    minter = h.gateway.minter
+    ttl = h.gateway.config.jwt.ttl
+    first = write_key(tmp_path / "a", "EdDSA")
+    second = write_key(tmp_path / "b", "EdDSA")
+    config = JwtConfig(algorithm="EdDSA", private_key_file=str(first))
+    minter.rotate(load_signing_key(config), config)
+    other = JwtConfig(algorithm="EdDSA", private_key_file=str(second))
+    now = time.time()
+    minter.rotate(load_signing_key(other), other)
+    assert len(minter.jwks()["keys"]) == 2
+    minter._clock = lambda: now + ttl + 1  # type: ignore[misc]
+    assert [k["kid"] for k in minter.jwks()["keys"]] == [minter.kid]

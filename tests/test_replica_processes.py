@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -79,3 +80,56 @@ async def test_a_revocation_on_one_replica_is_seen_by_the_other_within_a_second(
 
     await until(refused_by_second, 1.0, "the other replica to drop the revoked key")
     assert time.monotonic() - revoked_at < 1.5
+
+
+async def test_a_revocation_under_load_wins_on_the_replica_that_takes_it(
+    start_group: StartGroup, redis_server: RedisServer, fake_tower: FakeTower
+) -> None:
+    """The key busy on the replica that revokes it (both its workers), the race repeated."""
+    first, second = await two_replicas(
+        start_group,
+        redis_server.url,
+        rate_limit={"default_per_minute": 1_000_000},
+        credentials={"failed_auth_per_minute": 0},
+    )
+    for trial in range(4):
+        key, key_id = f"busy-process-key-{trial}", f"k-busy-{trial}"
+        fake_tower.add(key, key_id=key_id, user_id="u", role="operator")
+        seen: list[tuple[str, float, int]] = []
+        stop = asyncio.Event()
+
+        tasks = [asyncio.create_task(load(first, "first", key, stop, seen)) for _ in range(12)]
+        tasks += [asyncio.create_task(load(second, "second", key, stop, seen)) for _ in range(4)]
+        try:
+            await until(_enough(seen), 10.0, "the load to start")
+            fake_tower.keys.pop(key)  # the tower now refuses it
+            status, _ = await first.ops_json("DELETE", f"/admin/cache/{key_id}", headers=ADMIN)
+            assert status == 200
+            revoked_at = time.monotonic()
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+        late = {
+            name: [s for n, started, s in seen if n == name and started > revoked_at + grace]
+            for name, grace in (("first", 0.0), ("second", 0.2))
+        }
+        for name, statuses in late.items():
+            assert statuses and set(statuses) == {401}, (trial, name, statuses.count(200))
+
+
+async def load(
+    group: Group, name: str, key: str, stop: asyncio.Event, seen: list[tuple[str, float, int]]
+) -> None:
+    """Requests one after the other until `stop`: (group name, start time, status) each."""
+    while not stop.is_set():
+        started = time.monotonic()
+        status, _ = await group.get("/busy", headers={"X-API-Key": key})
+        seen.append((name, started, status))
+
+
+def _enough(seen: list[tuple[str, float, int]]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return sum(1 for name, _, _ in seen if name == "first") > 30
+
+    return check

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 import redis.asyncio
 
-from gateway.shared import sign_webhook
+from gateway.replicas.webhook import WEBHOOK_MAX_AGE, sign_webhook, verify_webhook
 from tests.conftest import ADMIN_TOKEN, GatewayFactory, Harness
 from tests.redis_support import RedisServer
 
@@ -89,6 +89,15 @@ def signed(body: bytes, *, at: float | None = None, secret: str = WEBHOOK_SECRET
         "X-Signature-Timestamp": timestamp,
         "X-Signature": sign_webhook(secret, timestamp, body),
     }
+
+
+def test_the_webhook_window_is_300_seconds_each_way() -> None:
+    body, now = b'{"key_ids": ["k1"]}', 1_800_000_000.0
+    for age, ok in ((0, True), (300, True), (-300, True), (301, False), (-301, False)):
+        stamp = str(int(now - age))
+        signature = sign_webhook(WEBHOOK_SECRET, stamp, body)
+        assert verify_webhook(WEBHOOK_SECRET, stamp, signature, body, now) is ok, age
+    assert WEBHOOK_MAX_AGE == 300
 
 
 # --------------------------------------------------------------------------- the shared cache
@@ -256,14 +265,16 @@ async def test_a_synchronous_invalidation_is_propagated_in_the_background(
     assert len(a.tower.calls) == 2
 
 
-async def test_an_unreadable_revocation_message_drops_the_cache(
+async def test_an_unreadable_signed_revocation_message_drops_the_cache(
     make_gateway: GatewayFactory, redis_server: RedisServer, redis_client: redis.asyncio.Redis
 ) -> None:
     a, b = await replicas(make_gateway, redis_server)
     a.tower.add(KEY, key_id="k1", user_id="u1", role="operator")
     assert (await get(b, KEY))[0] == 200
 
-    await redis_client.publish(f"{PREFIX}revocations", b"\xff not json")
+    # Signed by a replica (so from the fleet) but unreadable: it still revokes something.
+    assert a.gateway.replicas is not None
+    await redis_client.publish(f"{PREFIX}revocations", a.gateway.replicas.bus.sign(b"\xff no"))
     await eventually(lambda: not cached(b, KEY), timeout=1.0)
     assert (await get(b, KEY))[0] == 200
 
@@ -294,8 +305,10 @@ async def test_the_signed_webhook_revokes_on_every_replica(
     refused = [
         {**signed(body), "X-Signature": "sha256=" + "0" * 64},
         signed(body, secret="another-secret-0123456789"),
-        signed(body, at=time.time() - 301),
-        signed(body, at=time.time() + 301),
+        # Well outside the window: a loaded machine may take seconds to send these;
+        # the exact bounds are pinned by test_the_webhook_window_is_300_seconds_each_way.
+        signed(body, at=time.time() - WEBHOOK_MAX_AGE - 30),
+        signed(body, at=time.time() + WEBHOOK_MAX_AGE + 30),
         {k: v for k, v in signed(body).items() if k != "X-Signature-Timestamp"},
         {k: v for k, v in signed(body).items() if k != "Authorization"},
     ]

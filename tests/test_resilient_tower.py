@@ -32,6 +32,7 @@ from tests.conftest import (
     GatewayFactory,
     gateway_config,
     tower_record,
+    until,
 )
 
 FAST: Final = 0.05  # "fails fast": well under any tower round trip with retries
@@ -315,8 +316,9 @@ async def test_a_cancelled_probe_frees_the_probe_slot(fake_tower: FakeTower, mak
     await open_breaker(tower, 1)
     clock.advance(1.0)
     fake_tower.mode = "hang"
+    calls = len(fake_tower.calls)
     probe = asyncio.ensure_future(tower.validate("k"))
-    await asyncio.sleep(0.05)
+    await until(lambda: len(fake_tower.calls) == calls + 1, what="the probe at the tower")
     probe.cancel()
     with pytest.raises(asyncio.CancelledError):
         await probe
@@ -379,7 +381,11 @@ def circuit_gauge(metrics: str) -> float:
 
 
 async def test_gateway_fails_fast_serves_stale_and_recovers(make_gateway: GatewayFactory) -> None:
+    # One hand-moved clock for the cache's TTLs and the breaker's reset period.
+    clock = Clock(time.time())
     gw = await make_gateway(
+        clock=clock,
+        tower_clock=clock,
         tower={"timeout": 0.5, "retries": 1, "breaker_threshold": 2, "breaker_reset": 0.3},
         cache={"ttl": 0.2, "stale_if_error": 30, "negative_ttl": 0},
     )
@@ -390,7 +396,7 @@ async def test_gateway_fails_fast_serves_stale_and_recovers(make_gateway: Gatewa
     assert circuit_gauge(await gw.metrics()) == 0
 
     gw.tower.mode = "error500"
-    await asyncio.sleep(0.25)  # the cached identity is no longer fresh
+    clock.advance(0.25)  # the cached identity is no longer fresh
     response = await gw.client.get("/x", headers={"X-API-Key": "other-key"})
     assert response.status == 503  # two faulty attempts: the breaker opens
     assert gw.gateway.tower.state == "open"
@@ -408,7 +414,7 @@ async def test_gateway_fails_fast_serves_stale_and_recovers(make_gateway: Gatewa
     assert "circuit_open" in await gw.metrics()
 
     gw.tower.mode = "ok"
-    await asyncio.sleep(0.35)  # breaker_reset: the next call is the probe
+    clock.advance(0.35)  # breaker_reset: the next call is the probe
     assert (await gw.client.get("/x", headers={"X-API-Key": "other-key"})).status == 200
     assert gw.gateway.tower.state == "closed"
     assert circuit_gauge(await gw.metrics()) == 0

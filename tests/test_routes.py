@@ -9,9 +9,9 @@ import pytest
 from aiohttp import ClientResponse
 from yarl import URL
 
+from gateway.auth.routes import RouteTable, normalise_path
 from gateway.config import RouteConfig
 from gateway.errors import BadRequest, NotFound
-from gateway.routes import RouteTable, normalise_path
 from tests.conftest import GatewayFactory, Harness
 
 GOOD = {"X-API-Key": "good-key-1"}
@@ -151,8 +151,7 @@ async def test_upstream_receives_the_normalised_path(gw: Harness) -> None:
         "/public//x///y": "/public/x/y",
         "/public/a/%2e/b": "/public/a/b",
         "/public/%61bc": "/public/abc",
-        "/public/a%2Fb": "/public/a%2Fb",
-        "/public/a%2fb?x=%2f&y=1": "/public/a%2Fb?x=%2f&y=1",
+        "/public/a?x=%2f&y=1": "/public/a?x=%2f&y=1",
     }
     for sent, received in cases.items():
         response = await raw_get(gw, sent, ADMIN)

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import ClientWebSocketResponse, WSMsgType, WSServerHandshakeError, web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import JWT_SECRET, FakeUpstream, GatewayFactory, Harness
+from tests.conftest import JWT_SECRET, FakeUpstream, GatewayFactory, Harness, until
 
 KEY = {"X-API-Key": "good-key-1"}  # k1 / u1, operator
 ADMIN_KEY = {"X-API-Key": "admin-key-1"}  # k2 / u2, admin
@@ -131,13 +131,6 @@ async def authenticate(ws: ClientWebSocketResponse, key: str) -> dict[str, Any]:
     assert msg.type is WSMsgType.TEXT, msg
     answer: dict[str, Any] = json.loads(msg.data)
     return answer
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def echo(ws: ClientWebSocketResponse, text: str = "ping") -> None:
@@ -376,7 +369,7 @@ async def test_a_key_that_expires_while_connected_closes_its_socket(
     msg = await receive(ws, timeout=2.5)
     assert (msg.type, msg.data) == (WSMsgType.CLOSE, 4401)
     assert "expired" in msg.extra
-    await eventually(lambda: ws_upstream.closes == [(4401, "API key has expired")])
+    await until(lambda: ws_upstream.closes == [(4401, "API key has expired")])
 
 
 async def test_admin_invalidation_closes_that_keys_sockets_only(
@@ -429,7 +422,7 @@ async def test_close_codes_and_reasons_cross_in_both_directions(
     ws = await wsg.client.ws_connect("/chat", headers=KEY)
     await echo(ws)
     await ws.close(code=4100, message=b"done here")
-    await eventually(lambda: ws_upstream.closes == [(4100, "done here")])
+    await until(lambda: ws_upstream.closes == [(4100, "done here")])
 
 
 async def test_an_oversized_message_closes_with_1009_and_the_gateway_keeps_serving(
@@ -443,7 +436,7 @@ async def test_an_oversized_message_closes_with_1009_and_the_gateway_keeps_servi
     msg = await receive(ws)
     assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1009)
     assert ws_upstream.received == []
-    await eventually(lambda: ws_upstream.closes == [(1009, "message too big")])
+    await until(lambda: ws_upstream.closes == [(1009, "message too big")])
 
     again = await wsg.client.ws_connect("/chat", headers=KEY)
     await echo(again)
@@ -487,7 +480,7 @@ async def test_shutdown_drains_http_then_closes_sockets_with_1001(
     await echo(ws)
     started = time.monotonic()
     slow = asyncio.create_task(wsg.client.get("/sleep?s=0.6", headers=KEY))
-    await asyncio.sleep(0.2)  # the HTTP request is in flight
+    await until(lambda: len(wsg.upstream.seen) == 1, what="the HTTP request at the upstream")
     closing = asyncio.create_task(wsg.client.server.close())
 
     msg = await receive(ws, timeout=5.0)
@@ -513,10 +506,7 @@ async def test_metrics_count_connections_handshakes_frames_and_bytes(wsg: Harnes
     async def closed() -> bool:
         return "tower_gateway_websocket_connections 0.0" in await wsg.metrics()
 
-    deadline = time.monotonic() + 2.0
-    while not await closed():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    await until(closed, what="the connection gauge back at 0")
 
     bad = await wsg.client.ws_connect("/chat")
     await authenticate(bad, "wrong-key")

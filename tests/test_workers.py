@@ -29,9 +29,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import load_config, parse_config_text
-from gateway.group_ops import merge_cache_stats, merge_expositions
-from gateway.shared import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign_webhook
-from gateway.workers import WorkerGroup, backoff
+from gateway.replicas.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign_webhook
+from gateway.runtime.group_ops import merge_cache_stats, merge_expositions
+from gateway.runtime.slots import backoff
+from gateway.runtime.workers import WorkerGroup
 from tests.conftest import (
     ADMIN_TOKEN,
     ENV,
@@ -41,6 +42,7 @@ from tests.conftest import (
     FakeTower,
     FakeUpstream,
 )
+from tests.conftest import until as shared_until
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
@@ -174,16 +176,8 @@ class Group:
 
 
 async def until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            if await check():
-                return
-        except (aiohttp.ClientError, OSError) as exc:
-            last = exc
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last error: {last!r})")
+    """The shared `until`, where a group that is not listening yet means "not yet"."""
+    await shared_until(check, within, what, interval=0.05, ignore=(aiohttp.ClientError, OSError))
 
 
 def write_config(
@@ -419,9 +413,7 @@ async def test_a_killed_worker_is_replaced_without_stopping_service(
     before = await group.workers()
     victim = before[0]["pid"]
     os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while running(victim) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    await shared_until(lambda: not running(victim), 5, "the killed worker to be gone")
     # The survivor takes every new connection while the slot is empty.
     for _ in range(20):
         status, _ = await group.get("/during", headers={"X-API-Key": "good-key"})
@@ -446,16 +438,28 @@ async def test_a_killed_worker_is_replaced_without_stopping_service(
     assert "signal SIGKILL" in group.log()
 
 
-async def test_sigterm_drains_in_flight_requests_and_exits_zero(start_group: StartGroup) -> None:
+async def test_sigterm_drains_in_flight_requests_and_exits_zero(
+    start_group: StartGroup, fake_upstream: FakeUpstream
+) -> None:
     group = await start_group()
     pids = [w["pid"] for w in await group.workers()]
     # SIGHUP is forwarded (each worker reloads); nobody stops.
     group.process.send_signal(signal.SIGHUP)
     await until(lambda: _contains(group, "SIGHUP"), 5, "the SIGHUP to be handled")
-    await asyncio.sleep(0.3)
+
+    async def both_reloaded() -> bool:
+        status, body = await group.ops_json("GET", "/admin/audit?limit=1000", headers=ADMIN)
+        reloads = [e for e in body["events"] if e.get("action") == "reload"]
+        return status == 200 and {e["worker"] for e in reloads} == {0, 1}
+
+    await until(both_reloaded, 10, "both workers to reload")
     assert [w["pid"] for w in await group.workers()] == pids
-    slow = asyncio.ensure_future(group.get("/sleep?s=1.5", headers={"X-API-Key": "good-key"}))
-    await asyncio.sleep(0.5)  # the request is in a worker by now
+    slow = asyncio.ensure_future(group.get("/sleep?s=1", headers={"X-API-Key": "good-key"}))
+    await shared_until(
+        lambda: any(seen.path.startswith("/sleep") for seen in fake_upstream.seen),
+        10,
+        "the request to reach the upstream through a worker",
+    )
     group.process.send_signal(signal.SIGTERM)
     status, body = await slow
     assert status == 200 and body == {"slept": True}
@@ -472,10 +476,7 @@ async def test_workers_stop_by_themselves_when_the_parent_is_killed(
     pids = [w["pid"] for w in await group.workers()]
     group.process.kill()
     assert await group.wait_exit(5) == -signal.SIGKILL
-    deadline = time.monotonic() + 10
-    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert not [pid for pid in pids if running(pid)], group.log()
+    await shared_until(lambda: not any(running(pid) for pid in pids), 10, "the workers to stop")
     assert refused(group.port)
     assert "Fatal Python error" not in group.log() and "Traceback" not in group.log()
 
@@ -643,6 +644,7 @@ def test_kubernetes_manifests_parse_and_carry_a_valid_gateway_config() -> None:
         "TOWER_SECRET": "s",
         "GATEWAY_JWT_SECRET": "j" * 32,
         "GATEWAY_ADMIN_TOKEN": "a" * 16,
+        "GATEWAY_FINGERPRINT_SECRET": "f" * 32,
     }
     config = parse_config_text(text, env=env)
     assert config.rate_limit.backend == "redis" and config.redis.url

@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 
 from gateway.decision.engine import Verdict
 from gateway.errors import GatewayError
-from gateway.httpserver import REQUEST_ID
+from gateway.http.headers import REQUEST_ID
 
 ERROR_HEADER: Final = "X-Tower-Gateway-Error"
 NOSNIFF: Final = {"X-Content-Type-Options": "nosniff"}

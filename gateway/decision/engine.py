@@ -1,11 +1,12 @@
-"""The one call from decision mode into the gateway's authorization pipeline.
+"""The one call from decision mode into the decision engine (`gateway.auth.decide`).
 
-`decide` takes the steps the proxy listener takes for a request, on the original
-request a data plane describes: method checks, path normalisation, a key in the
-query, route and method matching, WebSocket origin, credentials, identity,
-capabilities, policy, rate limit (counted once per decision), failure throttle,
-audit and the auth metrics, through the same `Gateway` methods. It is the only
-place in `gateway.decision` that knows how the pipeline is put together.
+`decide` hands the engine the original request a data plane describes, exactly
+as the proxy listener hands it a request it received: the same method check,
+path normalisation and route match (`DecisionEngine.match`), the same
+`decide()` (credentials, identity, capabilities, policy, rate limit counted once
+per decision, failure throttle, audit, auth metrics), and for a WebSocket
+upgrade the handshake's checks (the route takes WebSockets, the Origin is
+allowed). It is the only place in `gateway.decision` that knows the engine.
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
-from multidict import CIMultiDict
 
-from gateway.accesslog import RequestRecord
-from gateway.app import SHADOW_DECISION, Gateway, _has_query_key
-from gateway.clientguard import check_method
+from gateway.app import Gateway
+from gateway.auth.clientguard import check_method
+from gateway.auth.decide import WOULD_DENY, OriginalRequest
 from gateway.decision.original import Original
-from gateway.errors import BadRequest, Forbidden, GatewayError
-from gateway.explain import SHADOW_STATUSES
-from gateway.routes import normalise_path
-from gateway.websocket import _origin
+from gateway.errors import BadRequest, Forbidden
+from gateway.ops.accesslog import RequestRecord
+from gateway.websocket.upgrade import origin
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,17 +44,15 @@ async def decide(
     """The proxy listener's decision for `original`; credentials are read from `request`
     (the data plane passes the client's headers on). Raises the `GatewayError` the proxy
     listener would answer with; fills `record` and `response_headers` (RateLimit-*)."""
-    parts = gateway.components
-    record.client = original.client
+    engine = gateway.engine
+    parts = engine.components()
     raw_path, _, query = original.uri.partition("?")
-    record.method, record.path = original.method, raw_path
+    asked = OriginalRequest(
+        original.method, raw_path, query, request.headers, original.client, original.upgrade
+    )
+    record.client, record.method, record.path = original.client, original.method, raw_path
     check_method(original.method)
-    path = normalise_path(raw_path)
-    if query and _has_query_key(query):
-        raise BadRequest(
-            "API keys are not accepted in the URL; send X-API-Key", reason="key_in_query"
-        )
-    route = parts.routes.match(path, original.method)
+    path, route = engine.match(asked, parts)
     record.route = route.name
     if original.upgrade:
         if not route.config.websocket:
@@ -63,39 +60,29 @@ async def decide(
                 "WebSocket upgrades are not accepted on this route", reason="websocket_refused"
             )
         _check_origin(request, parts.config.websocket.allowed_origins)
-    if not route.config.auth:
-        record.decision, record.reason = "public", "public_route"
-        return Verdict()
-    shadow = not route.config.enforce
-    noted: CIMultiDict[str] = CIMultiDict()
-    try:
-        key = gateway._key(request, record, parts, shadow=shadow)
-        authorization = await gateway.authorize(
-            key, route, record, response_headers, parts=parts, shadow=shadow
-        )
-    except GatewayError as exc:
-        gateway.metrics.count_auth(exc.reason)
-        if not (shadow and exc.status in SHADOW_STATUSES):
-            raise
-        gateway._would_deny(route, record, exc, noted)
-        return Verdict(shadow=noted.get(SHADOW_DECISION))
-    denied = authorization.would_deny
-    gateway.metrics.count_auth("success" if denied is None else denied.reason)
-    if denied is not None:
-        gateway._would_deny(route, record, denied, noted)
+    decision = await engine.decide(asked, record, parts=parts, route=route, path=path)
+    if not decision.forwarded:
+        assert decision.error is not None
+        raise decision.error
+    if decision.headers:
+        response_headers.update(decision.headers)
+    shadow = (
+        f"deny; reason={decision.error.reason}"
+        if decision.outcome == WOULD_DENY and decision.error is not None
+        else None
+    )
+    resolved = decision.resolved
     return Verdict(
-        authorization.token,
-        authorization.resolved.identity.expires_at,
-        noted.get(SHADOW_DECISION),
+        decision.token, resolved.identity.expires_at if resolved is not None else None, shadow
     )
 
 
 def _check_origin(request: web.BaseRequest, allowed: tuple[str, ...] | None) -> None:
-    """`websocket.allowed_origins`, as the proxy listener applies it to an upgrade."""
+    """`websocket.allowed_origins`, as the WebSocket handshake applies it."""
     if allowed is None:
         return
     origins = request.headers.getall(hdrs.ORIGIN, [])
     if not origins:
         return
-    if len(origins) > 1 or _origin(origins[0]) not in {_origin(o) for o in allowed}:
+    if len(origins) > 1 or origin(origins[0]) not in {origin(o) for o in allowed}:
         raise Forbidden("Origin not allowed", reason="origin_not_allowed")

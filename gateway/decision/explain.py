@@ -4,15 +4,13 @@ plane for the explained request, and for how long the data plane may reuse an al
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.config import Config
 
 
-def decision_mode(gateway: Gateway, answer: dict[str, Any]) -> None:
+def decision_mode(config: Config, now: float, answer: dict[str, Any]) -> None:
     """Adds `decision_mode` to an explain answer when a decision listener is configured."""
-    config = gateway.components.config
     settings = config.decision
     if settings is None:
         return
@@ -23,7 +21,7 @@ def decision_mode(gateway: Gateway, answer: dict[str, Any]) -> None:
         identity = answer.get("identity") or {}
         expires_at = identity.get("expires_at")
         if isinstance(expires_at, int | float):
-            limit = min(limit, expires_at - gateway.clock())
+            limit = min(limit, expires_at - now)
         seconds = max(0, math.floor(limit))
     answer["decision_mode"] = {
         "listener": f"{settings.host}:{settings.port}",

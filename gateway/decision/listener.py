@@ -31,15 +31,18 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.accesslog import RequestRecord
-from gateway.app import Gateway, http_log, request_id
+from gateway.app import Gateway
 from gateway.config import DecisionConfig
 from gateway.decision import answer
 from gateway.decision.engine import decide
 from gateway.decision.original import EXT_AUTHZ_PREFIX, Original, from_auth, from_ext_authz
 from gateway.errors import Forbidden, GatewayError, NotFound
-from gateway.httpserver import ANSWER, REQUEST_ID
-from gateway.proxy import IPNetwork
+from gateway.http.answers import request_id
+from gateway.http.forwarded import IPNetwork
+from gateway.http.headers import REQUEST_ID
+from gateway.http.server import ANSWER, TIMEOUTS, Timeouts
+from gateway.ops.accesslog import RequestRecord
+from gateway.proxy.listener import http_log
 
 log = logging.getLogger("tower_gateway.decision")
 
@@ -86,7 +89,7 @@ class DecisionListener:
         started = time.perf_counter()
         record = RequestRecord(request_id(request.headers.get(REQUEST_ID)))
         # Read once: a reload swaps the config, this decision finishes on the old one.
-        config = gateway.components.config
+        config = gateway.engine.components().config
         settings = config.decision or DecisionConfig()
         try:
             _guard(request, settings)
@@ -104,7 +107,7 @@ class DecisionListener:
         except GatewayError as exc:
             record.reason = exc.reason
             if record.decision is None:
-                record.decision = "deny" if exc.status in (401, 403, 429) else "error"
+                record.decision = exc.outcome()
             response = answer.deny(exc, record.request_id)
         except Exception:
             log.exception("unhandled error in decision %s", record.request_id)
@@ -164,5 +167,7 @@ def decision_app(gateway: Gateway) -> web.Application:
             "logger": http_log,
         }
     )
+    # The listener's own head and keep-alive timeouts, as every gateway listener has.
+    app[TIMEOUTS] = Timeouts.of(gateway.config.server)
     app[ANSWER] = DecisionListener(gateway).handle
     return app

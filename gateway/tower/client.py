@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector
@@ -91,7 +91,13 @@ class RemoteTower:
     @staticmethod
     def _interpret(status: int, raw: bytes) -> TowerAnswer:
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, object_pairs_hook=_unique_members)
+        except _RepeatedMember:
+            # `{"valid": false, ..., "valid": true}` reads differently to different
+            # parsers: no answer at all.
+            raise TowerFault(
+                "malformed", "the answer repeats a JSON member", key_specific=400 <= status < 500
+            ) from None
         except (ValueError, RecursionError):  # RecursionError: `[[[[...` nested too deep
             body = None
         # A `valid: false` answer is believed whatever the status (the
@@ -103,12 +109,23 @@ class RemoteTower:
             raise TowerFault("redirect", f"tower answered {status}; redirects are not followed")
         if status >= 500:
             raise TowerFault("server_error", f"tower answered {status}")
+        # Any other 4xx may be about the key a client chose (one the tower cannot
+        # parse, say): a fault for that key, never one that opens the circuit.
+        client_error = 400 <= status < 500
         if status in (401, 403):
-            raise TowerFault("tower_auth", f"tower refused the gateway's credentials ({status})")
+            raise TowerFault(
+                "tower_auth",
+                f"tower refused the gateway's credentials ({status})",
+                key_specific=True,
+            )
         if body is None:
-            raise TowerFault("malformed", f"status {status} with a body that is not JSON")
+            raise TowerFault(
+                "malformed",
+                f"status {status} with a body that is not JSON",
+                key_specific=client_error,
+            )
         if status != 200:
-            raise TowerFault("malformed", f"unexpected status {status}")
+            raise TowerFault("malformed", f"unexpected status {status}", key_specific=client_error)
         return parse_answer(status, body)
 
     async def ping(self) -> bool:
@@ -127,3 +144,14 @@ class RemoteTower:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class _RepeatedMember(ValueError):
+    """A JSON object names one member twice."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        raise _RepeatedMember
+    return body

@@ -235,7 +235,11 @@ class ResilientTower:
                     "timeout", "no free slot for a tower call within the budget"
                 ) from None
             except TowerFault as fault:
-                self._breaker.failed(ticket)
+                if fault.key_specific:
+                    # A probe it was, the tower still answered: a verdict on the key only.
+                    self._breaker.release(ticket)
+                else:
+                    self._breaker.failed(ticket)
                 last = fault
             except Exception:
                 self._breaker.failed(ticket)

@@ -25,7 +25,7 @@ from gateway.decision.dataplane import caddy, nginx
 from gateway.decision.dataplane.common import make_plan
 from gateway.decision.listener import decision_app
 from tests.conftest import FakeTower, FakeUpstream, gateway_config, quiet_server
-from tests.security.conftest import free_port
+from tests.fresh import free_port
 
 DECISION_TOKEN = "decision-token-for-tests-0123"
 

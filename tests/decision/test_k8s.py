@@ -19,6 +19,7 @@ ENV = {
     "TOWER_SECRET": "s",
     "GATEWAY_JWT_SECRET": "j" * 32,
     "GATEWAY_ADMIN_TOKEN": "a" * 16,
+    "GATEWAY_FINGERPRINT_SECRET": "f" * 32,
 }
 BUILT_IN = ("v1", "apps/v1", "networking.k8s.io/v1")
 

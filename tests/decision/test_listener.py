@@ -11,10 +11,10 @@ from typing import Any
 import jwt as pyjwt
 import pytest
 
-from gateway.accesslog import AccessLog
-from gateway.audit import AuditLog
 from gateway.decision.answer import ERROR_HEADER
 from gateway.decision.listener import TOKEN_HEADER
+from gateway.ops.accesslog import AccessLog
+from gateway.ops.audit import AuditLog
 from tests.conftest import JWT_SECRET, FakeUpstream
 from tests.decision.conftest import DECISION_TOKEN, DecisionFactory, DecisionHarness
 

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import yaml
 
-from gateway.cli import main
+from gateway.cli.main import main
 from gateway.config import parse_config, summary
 from gateway.decision.dataplane import envoy, traefik
 from gateway.decision.dataplane.common import make_plan
@@ -273,7 +273,7 @@ def test_dataplane_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_reload_applies_decision_token_and_ttl_and_asks_a_restart_for_the_rest() -> None:
-    from gateway.reload import merge
+    from gateway.ops.reload import merge
 
     running = parse_config(
         base(server={"enabled": False}, decision={"cache_ttl": 1, "token": DECISION_TOKEN}),
@@ -302,7 +302,7 @@ def test_reload_applies_decision_token_and_ttl_and_asks_a_restart_for_the_rest()
 
 
 def test_explain_cli_prints_the_decision_row() -> None:
-    from gateway.explain_cli import report
+    from gateway.cli.explain import report
 
     text = report(
         {

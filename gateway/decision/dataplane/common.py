@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from gateway.config import Config, DecisionConfig
 from gateway.errors import ConfigError
-from gateway.proxy import IDENTITY_HEADERS
+from gateway.http.headers import IDENTITY_HEADERS
 
 # Headers asking an upstream to treat the request as another method or URL (CONTRACT 10).
 OVERRIDE_HEADERS: Final = (
