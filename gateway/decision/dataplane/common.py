@@ -7,19 +7,10 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
-from gateway.config import Config, DecisionConfig
+from gateway.config import INTENT_HEADERS, Config, DecisionConfig
 from gateway.errors import ConfigError
 from gateway.http.headers import IDENTITY_HEADERS
 
-# Headers asking an upstream to treat the request as another method or URL (CONTRACT 10).
-OVERRIDE_HEADERS: Final = (
-    "X-HTTP-Method-Override",
-    "X-HTTP-Method",
-    "X-Method-Override",
-    "X-Original-URL",
-    "X-Rewrite-URL",
-    "X-Override-URL",
-)
 # Data-plane plumbing a client must never set for the upstream or the decision.
 PLUMBING: Final = ("X-Tower-Gateway-Decision-Token", "X-Tower-Gateway-Jwt")
 # Statuses a decision can answer besides 200, all re-emitted as they are.
@@ -74,7 +65,8 @@ class Plan:
             *self.key_headers,
             self.jwt_header,
             *sorted(IDENTITY_HEADERS),
-            *OVERRIDE_HEADERS,
+            # Intent headers (CONTRACT 10); a route's `forward_headers` is not applied here.
+            *sorted(INTENT_HEADERS),
             *PLUMBING,
             "X-Gateway-Shadow-Decision",
             "X-Real-IP",
