@@ -465,20 +465,11 @@ class Row:
 
 
 ROW_ORDER: Final = (
-    "a",
-    "b",
-    "b-rl",
-    "b-rl-redis",
-    "b-rl-batched",
-    "b-log",
-    "c",
-    "d",
-    "e",
-    "e-warm",
-    "f",
-    "g",
-    "h",
-)
+    "a", "b", "b-rl", "b-rl-redis", "b-rl-batched", "b-log", "c", "d", "e", "e-warm", "f", "g",
+    "h", "i", "i-cache", "j",
+)  # fmt: skip
+# Decision mode (i, i-cache, j): the data plane's shared token, sent by the generated config.
+DECISION_TOKEN: Final = "bench-decision-token-0123456789"
 
 
 def gateway_config_keys(section: str) -> set[str]:
@@ -663,9 +654,14 @@ class Proxy:
     proc: subprocess.Popen[bytes]
     url: str
     ops_url: str | None = None
+    # Processes measured with it (decision mode: nginx + the decision listener).
+    others: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def pids(self) -> list[int]:
-        return process_tree(self.proc.pid)
+        pids = process_tree(self.proc.pid)
+        for other in self.others:
+            pids += process_tree(other.pid)
+        return pids
 
 
 class Bench:
@@ -884,6 +880,91 @@ class Bench:
         finally:
             self.procs.stop(proc, sig=signal.SIGQUIT)
 
+    @contextlib.contextmanager
+    def decision_plane(self, nginx_binary: str, cache_ttl: float) -> Iterator[tuple[Proxy, Proxy]]:
+        """The decision listener (decision-only gateway) and nginx from `tower-gateway
+        dataplane nginx`, both on the proxy core: (nginx in front, the listener alone)."""
+        name = f"decision-{cache_ttl:g}"
+        port, ops_port, listen = free_port(), free_port(), free_port()
+        config = gateway_config(self.upstream_url, self.tower_url, port, ops_port)
+        config["server"] = {**config["server"], "enabled": False}  # type: ignore[dict-item]
+        config["decision"] = {"host": HOST, "port": port, "cache_ttl": cache_ttl,
+                              "token": DECISION_TOKEN}  # fmt: skip
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(json.dumps(config, indent=2))
+        argv = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
+        gateway = self.procs.start(name, argv, cpu=self.proxy_cpu, env=self.env)
+        tmp = self.workdir / name
+        tmp.mkdir(exist_ok=True)
+        try:
+            wait_http(f"http://{HOST}:{port}/", gateway, name, self.procs)
+            generated = subprocess.run(
+                [sys.executable, "-m", "gateway", "dataplane", "nginx", "--config", str(path),
+                 "--upstream", self.upstream_url, "--listen", f"{HOST}:{listen}",
+                 "--workers", "1"],
+                env=self.env, capture_output=True, text=True, check=False, timeout=60,
+            )  # fmt: skip
+            if generated.returncode != 0:
+                raise BenchError(f"dataplane nginx failed: {generated.stderr[-500:]}")
+            user = "user root;\n" if os.geteuid() == 0 else ""
+            text = generated.stdout.replace("events {", "events {\n    multi_accept on;", 1)
+            text = text.replace("    access_log off;", "    access_log off;\n"
+                                "    keepalive_requests 1000000;", 1)  # fmt: skip
+            (tmp / "nginx.conf").write_text(user + text)
+            ngx = [nginx_binary, "-e", str(tmp / "error.log"), "-p", str(tmp) + "/",
+                   "-c", "nginx.conf", "-g", "daemon off;"]  # fmt: skip
+            proc = self.procs.start(f"nginx-{name}", ngx, cpu=self.proxy_cpu, env=self.env)
+            try:
+                wait_http(f"http://{HOST}:{listen}/", proc, f"nginx-{name}", self.procs)
+                yield (
+                    Proxy(f"nginx-{name}", proc, f"http://{HOST}:{listen}", others=[gateway]),
+                    Proxy(name, gateway, f"http://{HOST}:{port}"),
+                )
+            finally:
+                self.procs.stop(proc, sig=signal.SIGQUIT)
+        finally:
+            self.procs.stop(gateway)
+
+    def decision_rows(self, nginx_binary: str | None) -> None:
+        """i: nginx + the decision listener deciding every request; i-cache: nginx caching
+        allows for 5 s (cache_ttl: 5); j: wrk straight at the listener's /auth."""
+        wanted = {"i", "i-cache", "j"}
+        if self.args.rows and not wanted & set(self.args.rows):
+            return
+        if nginx_binary is None:
+            for rid in sorted(wanted):
+                self.rows[rid] = Row(rid, "decision mode", auth=True, error="nginx not available")
+            return
+        try:
+            with self.decision_plane(nginx_binary, 0) as (front, alone):
+                self.run_row(
+                    Row("i", "nginx + decision listener, every request decided", auth=True,
+                        hit_ratio_source="tower"),
+                    lambda r: self.measure(r, front.url, "cached.lua", [CACHED_KEY], proxy=front),
+                )  # fmt: skip
+                self.run_row(
+                    Row("j", "decision listener alone (wrk at /auth)", auth=True,
+                        hit_ratio_source="tower"),
+                    lambda r: self.measure(
+                        r, alone.url, "decision.lua", [CACHED_KEY, DECISION_TOKEN], proxy=alone,
+                        sanity_headers={"X-Original-Method": "GET", "X-Original-URI": "/",
+                                        "X-Tower-Gateway-Decision-Token": DECISION_TOKEN},
+                        sanity_path="/auth",
+                    ),
+                )  # fmt: skip
+            with self.decision_plane(nginx_binary, 5) as (front, _):
+                self.run_row(
+                    Row("i-cache", "nginx + decision listener, cache_ttl: 5", auth=True,
+                        hit_ratio_source="tower"),
+                    lambda r: self.measure(r, front.url, "cached.lua", [CACHED_KEY], proxy=front),
+                )  # fmt: skip
+        except BenchError as exc:
+            say(f"decision mode failed: {exc}")
+            for rid in sorted(wanted):
+                self.rows.setdefault(
+                    rid, Row(rid, "decision mode", auth=True, error=str(exc).splitlines()[0])
+                )
+
     # ------------------------------------------------------------------ one row
 
     def measure(
@@ -895,10 +976,15 @@ class Bench:
         *,
         proxy: Proxy | None = None,
         warm_key: str = CACHED_KEY,
+        sanity_headers: dict[str, str] | None = None,
+        sanity_path: str = "/",
     ) -> Row:
         """Warm up (cached rows on their own key, so the row is all hits; cold and Zipf rows
         on a key they never send), then one measured wrk run with counters around it."""
-        self.warm_up(url, warm_key, f"row {row.id}")
+        self.warm_up(
+            url, warm_key, f"row {row.id}", headers=sanity_headers, path=sanity_path,
+            script=script, script_args=script_args,
+        )  # fmt: skip
         if self.args.settle > 0:
             row.settle_s = round(self.cpu.wait_quiet(self.args.quiet_below, self.args.settle), 1)
         pids = proxy.pids() if proxy is not None else []
@@ -965,12 +1051,25 @@ class Bench:
             )
         return row
 
-    def warm_up(self, url: str, key: str, what: str) -> None:
+    def warm_up(
+        self,
+        url: str,
+        key: str,
+        what: str,
+        *,
+        headers: dict[str, str] | None = None,
+        path: str = "/",
+        script: str = "cached.lua",
+        script_args: Sequence[object] = (),
+    ) -> None:
         """One sanity request (fails loudly on anything but 200), then --warmup seconds of
         load on `key`: pools open and the cache holds the key before anything is measured."""
-        status, body = http_get(url + "/", headers={"X-API-Key": key})
+        status, body = http_get(url + path, headers={"X-API-Key": key, **(headers or {})})
         if status != 200:
             raise BenchError(f"{what}: sanity request answered {status}: {body[:200]!r}")
+        if script == "decision.lua":
+            self.wrk(url, script, [key, *list(script_args)[1:]], duration=self.args.warmup)
+            return
         self.wrk(url, "cached.lua", [key], duration=self.args.warmup)
 
     def run_row(self, row: Row, fn: Callable[[Row], Row]) -> None:
@@ -1177,6 +1276,8 @@ class Bench:
                     self.rows.setdefault(
                         rid, Row(rid, "nginx", auth=rid == "h", error=str(exc).splitlines()[0])
                     )
+
+        self.decision_rows(nginx)
 
         rows = set(self.args.rows or ())
         if self.args.pairs and (not rows or {"b", "f", PAIR_ROW} & rows):
@@ -1744,7 +1845,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rows",
         help="only these rows, comma-separated (a,b,b-rl,b-rl-redis,b-rl-batched,b-log,c,d,e,"
-        "e-warm,f,g,h); "
+        "e-warm,f,g,h,i,i-cache,j); "
         f"{PAIR_ROW!r} = the interleaved gateway/bare pairs, which also run with b or f",
     )
     parser.add_argument(

@@ -149,6 +149,8 @@ class ServerConfig:
     # connection is kept (`gateway.http.server`), on every listener.
     header_timeout: float = _check(_positive, 10.0)
     keepalive_timeout: float = _check(_positive, 75.0)
+    # false = decision only (`decision:`): no proxy listener, routes need no upstream.
+    enabled: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +255,8 @@ class CapabilitiesConfig:
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
     path: str = _check(_route_path)
-    upstream: str = _check(_http_url)
+    # Required while server.enabled; "" (unset) only in decision-only mode.
+    upstream: str = _check(lambda v: _http_url(v) if v else None, "")
     name: str | None = None
     methods: tuple[str, ...] | None = _check(_methods, None)
     require: tuple[str, ...] = ()
@@ -339,6 +342,26 @@ class LogConfig:
     audit: str | None = _check(_log_target, "stdout")
 
 
+def _token(v: str) -> str | None:
+    return None if len(v) >= 16 else "must be at least 16 characters"
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionConfig:
+    """The decision listener for a data plane that is already there (CONTRACT 9)."""
+
+    host: str = "127.0.0.1"
+    port: int = _check(_port, 9092)
+    # Seconds a data plane may reuse an allow answer; 0 = every request is decided.
+    cache_ttl: float = _check(_non_negative, 0.0)
+    # Shared secret the data plane sends in X-Tower-Gateway-Decision-Token; a decision
+    # request without it is refused (403), so a client that reaches the listener cannot
+    # forge an original request. Unset = not checked.
+    token: str | None = _check(_token, None)
+    # Peers (data plane addresses or CIDR blocks) allowed to ask; empty = any peer.
+    allow_from: tuple[str, ...] = _check(_cidrs, ())
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -355,4 +378,5 @@ class Config:
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    decision: DecisionConfig | None = None
     source: str = field(default="<dict>", metadata={"internal": True})
