@@ -42,7 +42,7 @@ def test_create_sets_every_restriction_and_the_tower_serves_them(
 
     assert run("keys", "list", "--config", str(config)) == 0
     table = capsys.readouterr().out
-    assert "RESTRICTIONS" in table and "REQUESTS" in table
+    assert "RESTRICTIONS" in table and "REPORTED" in table
     assert "ips:2 origins:1 quota:1000/day scope:user" in table
 
     store.flush_usage()
@@ -50,8 +50,8 @@ def test_create_sets_every_restriction_and_the_tower_serves_them(
     shown = capsys.readouterr().out
     assert "ips:        10.0.0.0/8, 2001:db8::/32" in shown
     assert "quota:      1000/day" in shown and "scope:      user" in shown
-    assert "validated:  1 times" in shown and key[12:] not in shown
-    assert "requests:   0 (none reported)" in shown
+    assert "requests:   1" in shown and key[12:] not in shown
+    assert "by_status:  none reported" in shown
 
 
 def test_update_changes_and_clears_restrictions(
@@ -97,7 +97,7 @@ def test_update_of_nothing_or_of_an_unknown_key_is_refused(
     capsys: pytest.CaptureFixture[str], config: str
 ) -> None:
     assert run("keys", "update", "--config", str(config), "key_0000000000000000") == 1
-    assert "nothing to update" in capsys.readouterr().err
+    assert "nothing to change" in capsys.readouterr().err
     argv = ("keys", "update", "--config", str(config), "key_0000000000000000", "--quota", "1/day")
     assert run(*argv) == 1
     assert "no key with id" in capsys.readouterr().err

@@ -219,11 +219,11 @@ async def test_the_embedded_tower_records_reports_from_a_gateway(
     assert run("keys", "list", "--config", str(config)) == 0
     out = capsys.readouterr().out.splitlines()
     table = [line for line in out if not line.startswith("{")]  # not the gateway's audit lines
-    assert "REQUESTS" in table[0]
-    assert table[1][table[0].index("REQUESTS") :].split()[0] == "3"
+    assert "REPORTED" in table[0]
+    assert table[1][table[0].index("REPORTED") :].split()[0] == "3"
     assert run("keys", "show", "--config", str(config), key_id) == 0
     shown = capsys.readouterr().out
-    assert "requests:   3 (200: 2, 403: 1)" in shown
+    assert "by_status:  200: 2, 403: 1" in shown
     assert "last_used:  never" not in shown
 
 

@@ -204,9 +204,17 @@ def quota_counter(
     prefix: str,
     clock: Callable[[], float] = time.time,
     on_fallback: Callable[[], None] | None = None,
+    timeout: float = 0.25,
 ) -> QuotaCounter:
     """On Redis when the gateway shares its rate limits there, else in this process."""
     local = MemoryQuota(clock=clock)
     if client is None:
         return local
-    return RedisQuota(client, prefix=prefix, fallback=local, on_fallback=on_fallback, clock=clock)
+    return RedisQuota(
+        client,
+        prefix=prefix,
+        fallback=local,
+        on_fallback=on_fallback,
+        clock=clock,
+        timeout=timeout,
+    )
