@@ -15,13 +15,15 @@ from gateway.http.headers import SHADOW_DECISION
 from gateway.tower import parse_answer
 from gateway.tower.constraints import NO_CONSTRAINTS, Constraints, Quota, parse_constraints
 from tests.conftest import ADMIN_TOKEN, FakeTower, GatewayFactory, Harness, tower_record
+from tests.decision.conftest import DecisionFactory, make_decision
+from tests.decision.test_listener import ask
 from tests.redis_support import RedisServer
 from tests.test_explain import run_cli
 from tests.test_replica_processes import two_replicas
 from tests.test_replicas import replicas
 from tests.test_workers import StartGroup, start_group
 
-__all__ = ["start_group"]  # the fixture of the worker tests
+__all__ = ["make_decision", "start_group"]  # the fixtures of the decision and worker tests
 
 KEY = "constrained-key"
 PROXY = {"server": {"trusted_proxies": ["127.0.0.1/32"]}}
@@ -400,3 +402,21 @@ async def test_restrictions_survive_the_shared_cache_between_replicas(
     assert (status, body["error"]) == (403, "ip_not_allowed")
     assert (await call(b, **{"X-Forwarded-For": "10.0.0.2"}))[0] == 200
     assert a.tower.calls.count(KEY) == 1  # b read the identity, restrictions and all, from Redis
+
+
+async def test_the_decision_listener_applies_restrictions_and_counts_usage(
+    make_decision: DecisionFactory,
+) -> None:
+    h = await make_decision(tower={"usage_report": {"interval": 3600}})
+    h.tower.add(
+        KEY, key_id="k9", user_id="u9", role="operator", allowed_origins=["https://app.example"]
+    )
+    headers = {"X-API-Key": KEY, "Origin": "https://evil.example"}
+    refused = await ask(h, "GET", "/data", **headers)
+    assert refused.status == 403
+    assert (
+        await ask(h, "GET", "/data", **{**headers, "Origin": "https://app.example"})
+    ).status == 200
+    assert h.gateway.usage is not None
+    taken = h.gateway.usage.take()
+    assert taken["k9"].statuses == {403: 1, 200: 1}

@@ -120,6 +120,9 @@ class DecisionListener:
         self.counts[key] = self.counts.get(key, 0) + 1
         record.duration = time.perf_counter() - started
         gateway.access_log.write(request, record, decision=True)
+        usage = gateway.usage  # tower.usage_report: the decision's status (the proxy has the rest)
+        if usage is not None and record.key_id is not None:
+            usage.record(record.key_id, response.status)
         return response
 
 
