@@ -31,10 +31,17 @@ ENV_REF: Final = "#/$defs/env_ref"
 _HTTP_URL: Final = {"pattern": r"^https?://[^/?#@\s]+(/[^?#]*)?$"}
 _KEY_PREFIX: Final = {"pattern": "^[a-z][a-z0-9]{0,15}$"}
 
+def _any_case(words: typing.Iterable[str]) -> Mapping[str, Any]:
+    """A pattern matching any of `words` in any letter case (JSON Schema has no `(?i)`)."""
+    spelled = ("".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in w) for w in words)
+    return {"pattern": "^(" + "|".join(sorted(spelled)) + ")$"}
+
+
 # Value rules by the check function itself (named, module-level checks) ...
 _BY_CHECK: Final[Mapping[Callable[..., Any], Mapping[str, Any]]] = {
     cfg._positive: {"exclusiveMinimum": 0},
     cfg._non_negative: {"minimum": 0},
+    cfg._fraction: {"minimum": 0, "exclusiveMaximum": 1},
     cfg._port: {"minimum": 0, "maximum": 65535},
     cfg._http_url: _HTTP_URL,
     cfg._redis_url: {"pattern": "^(redis|rediss|unix):"},
@@ -55,6 +62,8 @@ _BY_FIELD: Final[Mapping[tuple[type, str], Mapping[str, Any]]] = {
         "uniqueItems": True,
         "items": {"enum": list(cfg.CREDENTIAL_SOURCES)},
     },
+    (cfg.RouteConfig, "forward_headers"): {"items": _any_case(cfg.INTENT_HEADERS)},
+    (cfg.RouteConfig, "audience"): {"pattern": "^[!-~]{1,256}$"},
     (cfg.JwtConfig, "header"): {"pattern": "^[A-Za-z0-9-]+$"},
     (cfg.JwtConfig, "algorithm"): {"enum": list(cfg.JWT_ALGORITHMS)},
     (cfg.JwtConfig, "ttl"): {"minimum": 10},
