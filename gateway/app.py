@@ -290,6 +290,7 @@ class Gateway:
         return MemoryRateLimiter(burst=settings.burst)
 
     async def close(self) -> None:
+        await self.resolver.close()
         await self.forwarder.close()
         if self.limiter is not None:
             await self.limiter.close()

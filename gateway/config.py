@@ -56,6 +56,10 @@ def _non_negative(v: Any) -> str | None:
     return None if v is None or v >= 0 else "must not be negative"
 
 
+def _fraction(v: float) -> str | None:
+    return None if 0 <= v < 1 else "must be at least 0 and less than 1"
+
+
 def _port(v: int) -> str | None:
     return None if 0 <= v <= 65535 else "not a port number (0-65535)"
 
@@ -193,7 +197,9 @@ class TowerConfig:
     retry_backoff_max: float = _check(_non_negative, 0.5)
     budget: float | None = _check(_positive, None)  # all attempts together; null = timeout
     breaker_threshold: int = _check(_positive, 5)  # consecutive faults that open the circuit
-    breaker_reset: float = _check(_positive, 5.0)  # seconds open before one probe call
+    # Seconds between probe calls while the circuit is open: a probe goes as soon as a request
+    # needs the tower once this much time has passed since the last one, one at a time.
+    breaker_reset: float = _check(_positive, 0.5)
     max_concurrency: int = _check(_positive, 64)  # tower calls in flight at once
 
 
@@ -203,6 +209,12 @@ class CacheConfig:
     negative_ttl: float = _check(_non_negative, 30.0)
     max_entries: int = _check(_positive, 100_000)
     stale_if_error: float = _check(_non_negative, 300.0)
+    # The last part of an entry's fresh life (a fraction of it) in which a request that uses
+    # the entry starts a background refresh; 0 = refresh only once the entry is stale.
+    refresh_ahead: float = _check(_fraction, 0.2)
+    # How long a request whose entry went stale while nothing refreshed it waits for the tower
+    # before the stale entry is served (gateway.identity); 0 = never wait.
+    refresh_wait: float = _check(_non_negative, 0.05)
     # Keyed-hash secret for cache keys and key fingerprints, and the key of everything replicas
     # share through Redis (entries, revocation messages): required with redis.url (or
     # GATEWAY_FINGERPRINT_SECRET), at least MIN_FINGERPRINT_SECRET characters. Without Redis it

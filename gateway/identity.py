@@ -1,12 +1,26 @@
-"""Key -> Identity: a TTL cache with single flight and stale-if-error in front of the tower.
+"""Key -> Identity: a TTL cache with single flight, refresh ahead and stale serving in front
+of the tower.
 
 Entries are keyed by a keyed hash of the key (never the key itself). A positive
-entry is fresh for `min(cache.ttl, expires_at - now)` and may be served stale,
-only while the tower is failing, until `cache.stale_if_error` more seconds have
-passed, and never past `expires_at`. Negative entries live in their own bounded
-cache, so a flood of random keys can only push out other negative entries.
-The cache stores who the key belongs to, never a decision: policy is checked on
-every request by the caller.
+entry is fresh for `min(cache.ttl, expires_at - now)`; in the last
+`cache.refresh_ahead` part of that life, a request that uses it is answered from
+it and starts a background refresh (one per key at a time). Once stale, an entry
+may be served until `cache.stale_if_error` more seconds have passed, never past
+`expires_at`, while its refresh is in flight or the tower fails or is slow:
+
+    fresh            hit
+    refresh window   hit, and a background refresh unless one is in flight
+    stale            served at once while a refresh is in flight, a recent one failed or
+                     the tower's last call failed; otherwise a refresh starts and the
+                     request waits for it up to `cache.refresh_wait`, then is served stale
+    past stale       a miss: the request waits for the tower (single flight)
+
+So a key in use never waits for the tower, and an idle key waits for a tower
+that answers quickly: its refusal (revoked, expired) wins over the entry, which
+it removes at once, as do an admin drop and a pushed revocation.
+Negative entries live in their own bounded cache, so a flood of random keys can
+only push out other negative entries. The cache stores who the key belongs to,
+never a decision: policy is checked on every request by the caller.
 """
 
 from __future__ import annotations
@@ -17,7 +31,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 from cachetools import Cache, LRUCache, TTLCache
@@ -29,6 +43,9 @@ from gateway.tower import Identity, Rejection, Tower
 log = logging.getLogger("tower_gateway.identity")
 
 RETRY_AFTER_SECONDS: Final = "5"
+# After a failed refresh, the entry is served as it is this long before a request starts
+# another: the breaker fails those fast anyway, but a task per request is waste.
+REFRESH_RETRY_SECONDS: Final = 1.0
 _DETAILS: Final = {
     "invalid_key": "Invalid API key",
     "expired_key": "API key has expired",
@@ -74,6 +91,8 @@ class CacheStats:
     waiters: int = 0
     tower_calls: int = 0
     shared_hits: int = 0
+    refreshes: int = 0  # refreshes started in the background (ahead of expiry, or stale)
+    tower_waits: int = 0  # lookups that waited for a tower call (or for a shared replica's)
 
     @property
     def hit_ratio(self) -> float:
@@ -86,6 +105,9 @@ class _Entry:
     identity: Identity
     fresh_until: float
     stale_until: float
+    # A request from this time on starts a refresh (if none is in flight): inside the fresh
+    # life when refreshing ahead; moved on by REFRESH_RETRY_SECONDS after a failed refresh.
+    refresh_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +237,11 @@ class IdentityResolver:
             else None
         )
         self._inflight: dict[bytes, asyncio.Future[Identity | Rejection]] = {}
+        # Every tower lookup still running, including those a drop took out of `_inflight`
+        # and background refreshes nobody awaits: cancelled by `close`.
+        self._tasks: set[asyncio.Future[Identity | Rejection]] = set()
+        # The last tower call failed: a stale entry is then served without waiting.
+        self._tower_failing = False
         # Bumped by every admin drop: an answer fetched before the drop may predate
         # a revocation, so it is handed to its waiters but never cached.
         self._generation = 0
@@ -237,6 +264,8 @@ class IdentityResolver:
             return None
         if now < entry.fresh_until and not entry.identity.expired(now):
             self.stats.hits += 1
+            if now >= entry.refresh_at:
+                self._refresh(api_key, digest)
             return Resolved(entry.identity, digest, "hit")
         return None
 
@@ -250,7 +279,10 @@ class IdentityResolver:
                 raise InvalidKey(_DETAILS["expired_key"], reason="expired_key")
             if now < entry.fresh_until:
                 self.stats.hits += 1
+                if now >= entry.refresh_at:
+                    self._refresh(api_key, digest)
                 return Resolved(entry.identity, digest, "hit")
+            return await self._stale(api_key, digest, entry, now)
         elif self._negative is not None:
             reason = self._negative.get(digest)
             if reason is not None:
@@ -260,14 +292,54 @@ class IdentityResolver:
         self.stats.misses += 1
         return await self._from_tower(api_key, digest)
 
-    # ------------------------------------------------------------------ misses
+    # ------------------------------------------------------------------ refresh
 
-    async def _from_tower(self, api_key: str, digest: bytes) -> Resolved:
+    def _refresh(self, api_key: str, digest: bytes) -> asyncio.Future[Identity | Rejection]:
+        """The key's tower lookup in flight, started in the background if there is none."""
         future = self._inflight.get(digest)
         if future is None:
-            future = asyncio.ensure_future(self._load(api_key, digest))
-            self._inflight[digest] = future
-            future.add_done_callback(lambda f: self._settled(digest, f))
+            self.stats.refreshes += 1
+            future = self._start(api_key, digest)
+        return future
+
+    async def _stale(self, api_key: str, digest: bytes, entry: _Entry, now: float) -> Resolved:
+        """A stale entry (inside its stale window): served unless a quick tower says otherwise."""
+        self.stats.misses += 1
+        stale = Resolved(entry.identity, digest, "stale")
+        if digest in self._inflight or now < entry.refresh_at:
+            self.stats.stale_serves += 1  # being refreshed, or a refresh just failed
+            return stale
+        future = self._refresh(api_key, digest)
+        if self._tower_failing or self._config.refresh_wait <= 0:
+            self.stats.stale_serves += 1
+            return stale
+        self.stats.tower_waits += 1
+        try:
+            async with asyncio.timeout(self._config.refresh_wait):
+                answer = await asyncio.shield(future)
+        except TimeoutError:
+            self.stats.stale_serves += 1
+            return stale  # a slow tower: the refresh goes on in the background
+        except TowerFault as fault:
+            return self._stale_or_fail(digest, fault)
+        if isinstance(answer, Rejection):
+            raise InvalidKey(_DETAILS[answer.reason], reason=answer.reason)
+        return Resolved(answer, digest, "tower")
+
+    # ------------------------------------------------------------------ misses
+
+    def _start(self, api_key: str, digest: bytes) -> asyncio.Future[Identity | Rejection]:
+        future = asyncio.ensure_future(self._load(api_key, digest))
+        self._inflight[digest] = future
+        self._tasks.add(future)
+        future.add_done_callback(lambda f: self._settled(digest, f))
+        return future
+
+    async def _from_tower(self, api_key: str, digest: bytes) -> Resolved:
+        self.stats.tower_waits += 1
+        future = self._inflight.get(digest)
+        if future is None:
+            future = self._start(api_key, digest)
         else:
             self.stats.waiters += 1
         try:
@@ -281,10 +353,27 @@ class IdentityResolver:
         return Resolved(answer, digest, "tower")
 
     def _settled(self, digest: bytes, future: asyncio.Future[Any]) -> None:
+        self._tasks.discard(future)
         if self._inflight.get(digest) is future:
             del self._inflight[digest]
+            if not future.cancelled() and future.exception() is not None:
+                self._refresh_failed(digest)
         if not future.cancelled():
             future.exception()  # retrieved: no "never retrieved" noise if all callers left
+
+    def _refresh_failed(self, digest: bytes) -> None:
+        """Serve the entry as it is for a while before another refresh is tried."""
+        entry = self._positive.get(digest)
+        if entry is not None:
+            retry_at = self._clock() + REFRESH_RETRY_SECONDS
+            self._positive[digest] = replace(entry, refresh_at=retry_at)
+
+    async def close(self) -> None:
+        """Cancel the tower lookups still running (background refreshes among them)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _load(self, api_key: str, digest: bytes) -> Identity | Rejection:
         """A local miss: what another replica shared, else one tower call for all replicas."""
@@ -318,6 +407,7 @@ class IdentityResolver:
         try:
             answer = await self.tower.validate(api_key)
         except TowerFault as fault:
+            self._tower_failing = True
             self._observe(fault.kind, started)
             # An open breaker fails every uncached lookup on purpose; the
             # metrics count those, one warning per request would drown the log.
@@ -326,11 +416,13 @@ class IdentityResolver:
             raise
         except Exception as exc:
             # A bug or an unexpected library error is still never a valid key.
+            self._tower_failing = True
             self._observe("error", started)
             log.exception("tower client failed")
             raise TowerFault("error", type(exc).__name__) from None
         now = self._clock()
         self.last_tower_ok = now
+        self._tower_failing = False
         if isinstance(answer, Identity) and answer.expired(now):
             # The tower judged expiry at its own time; by this gateway's clock
             # (skew, or a slow answer) the key has already expired.
@@ -375,7 +467,10 @@ class IdentityResolver:
             return
         if self._negative is not None:
             self._negative.pop(digest, None)
-        self._positive[digest] = _Entry(identity, fresh_until, stale_until)
+        # A shared copy may come with little fresh life left: its refresh is due in the same
+        # proportion, so a replica asks Redis again a few times at most before a lead refreshes.
+        refresh_at = fresh_until - self._config.refresh_ahead * max(0.0, fresh_until - now)
+        self._positive[digest] = _Entry(identity, fresh_until, stale_until, refresh_at)
 
     def _drop(self, digest: bytes) -> None:
         self._positive.pop(digest, None)
@@ -461,5 +556,7 @@ class IdentityResolver:
             "single_flight_waiters": s.waiters,
             "tower_calls": s.tower_calls,
             "shared_hits": s.shared_hits,
+            "refreshes": s.refreshes,
+            "tower_waits": s.tower_waits,
             "max_entries": self._config.max_entries,
         }
