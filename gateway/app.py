@@ -63,6 +63,8 @@ from gateway.routes import Route, RouteTable, normalise_path
 from gateway.shared import LOCK_MARGIN, Replicas, redis_client
 from gateway.tokens import SigningKey, TokenMinter, load_signing_key, private_material
 from gateway.tower import Tower
+from gateway.tracing import CURRENT as CURRENT_TRACE
+from gateway.tracing import TraceContext, continue_trace
 from gateway.websocket import SocketRegistry
 
 log = logging.getLogger("tower_gateway")
@@ -394,11 +396,13 @@ class Gateway:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        record = RequestRecord(request_id(request.headers.get(REQUEST_ID)))
+        trace = continue_trace(request.headers)
+        record = RequestRecord(request_id(request.headers.get(REQUEST_ID)), trace_id=trace.trace_id)
         metrics = self.metrics
         metrics.in_flight += 1
+        traced = CURRENT_TRACE.set(trace)  # read by the tower client, in the single-flight task
         try:
-            response = await self._pipeline(request, record)
+            response = await self._pipeline(request, record, trace)
         except GatewayError as exc:
             record.reason = exc.reason
             if record.decision is None:
@@ -421,6 +425,7 @@ class Gateway:
             )
         finally:
             metrics.in_flight -= 1
+            CURRENT_TRACE.reset(traced)
         record.status = response.status
         metrics.count_request(record.route, response.status)
         record.duration = time.perf_counter() - started
@@ -428,7 +433,7 @@ class Gateway:
         return response
 
     async def _pipeline(
-        self, request: web.BaseRequest, record: RequestRecord
+        self, request: web.BaseRequest, record: RequestRecord, trace: TraceContext
     ) -> web.StreamResponse:
         # Read once: a reload swaps `self.components`, and this request finishes on these.
         parts = self.components
@@ -451,6 +456,7 @@ class Gateway:
             forward_intent(headers, request.headers, route.forward)
         candidates = parts.extractor.candidates(request.headers)
         parts.headers.scrub(headers, candidates)
+        trace.inject(headers)
         if query and candidates and query_holds_key(query, candidates):
             raise BadRequest(
                 "API keys are not accepted in the URL; send X-API-Key", reason="key_in_query"

@@ -21,6 +21,7 @@ from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector
 from gateway.config import TowerConfig
 from gateway.errors import TowerFault
 from gateway.tower import TowerAnswer, parse_answer
+from gateway.tracing import outgoing
 
 MAX_BODY: Final = 64 * 1024
 VALIDATE_PATH: Final = "/api/v1/validate"
@@ -77,7 +78,7 @@ class RemoteTower:
     async def _exchange(self, api_key: str) -> tuple[int, bytes]:
         payload = json.dumps({"api_key": api_key}).encode()
         async with self._client().post(
-            self._url, data=payload, headers=self._headers, allow_redirects=False
+            self._url, data=payload, headers=outgoing(self._headers), allow_redirects=False
         ) as response:
             chunks: list[bytes] = []
             size = 0
