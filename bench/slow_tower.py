@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -29,6 +30,8 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +79,18 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
-async def main(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class Stack:
+    """The fake tower and upstream in this process, the gateway as a child process."""
+
+    tower: Tower
+    base: str  # the proxy listener's URL
+    ops: str  # the ops listener's URL
+    admin: str  # the admin token
+
+
+@contextlib.asynccontextmanager
+async def stack(tree: str, cache: dict[str, Any], **sections: Any) -> AsyncIterator[Stack]:
     tower = Tower()
     tower_app = web.Application()
     tower_app.router.add_post("/api/v1/validate", tower.validate)
@@ -88,16 +102,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     config = {
         "server": {"host": HOST, "port": port},
         "ops": {"host": HOST, "port": ops_port},
-        "tower": {"url": f"http://{HOST}:{tower_port}", "timeout": args.tower_timeout},
-        "cache": {"ttl": args.ttl, "stale_if_error": 300},
+        "tower": {"url": f"http://{HOST}:{tower_port}", "timeout": 2.0},
+        "cache": {"stale_if_error": 300, **cache},
         "routes": [{"path": "/", "upstream": f"http://{HOST}:{up_port}"}],
         "rate_limit": {"default_per_minute": 0},
         "credentials": {"failed_auth_per_minute": 0},
         "log": {"access": False, "audit": None, "level": "ERROR"},
     }
+    for name, section in sections.items():  # a callable gets the upstream's URL
+        value = section(f"http://{HOST}:{up_port}") if callable(section) else section
+        old = config.get(name)
+        config[name] = {**old, **value} if isinstance(old, dict) else value
     env = {
         **os.environ,
-        "PYTHONPATH": args.tree,
+        "PYTHONPATH": tree,
         "TOWER_API_KEY": "bench-tower-" + secrets.token_hex(8),
         "TOWER_SECRET": "bench-secret-" + secrets.token_hex(8),
         "GATEWAY_JWT_SECRET": secrets.token_hex(32),
@@ -109,7 +127,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
         proc = await asyncio.create_subprocess_exec(*cmd, env=env, cwd=tmp)
         try:
-            return await measure(args, tower, port, ops_port, admin)
+            ops = f"http://{HOST}:{ops_port}"
+            async with aiohttp.ClientSession() as http:
+                for _ in range(200):
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with http.get(f"{ops}/healthz") as r:
+                            if r.status == 200:
+                                break
+                    await asyncio.sleep(0.05)
+            yield Stack(tower, f"http://{HOST}:{port}", ops, admin)
         finally:
             proc.terminate()
             await proc.wait()
@@ -117,26 +143,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 await runner.cleanup()
 
 
-async def measure(
-    args: argparse.Namespace, tower: Tower, port: int, ops_port: int, admin: str
-) -> dict[str, Any]:
-    base, ops = f"http://{HOST}:{port}/x", f"http://{HOST}:{ops_port}/admin/cache"
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    async with stack(args.tree, {"ttl": args.ttl}, tower={"timeout": args.tower_timeout}) as s:
+        return await measure(args, s)
+
+
+async def measure(args: argparse.Namespace, s: Stack) -> dict[str, Any]:
+    tower, base, ops = s.tower, f"{s.base}/x", f"{s.ops}/admin/cache"
     keys = [f"k-{i}" for i in range(args.keys)]
     async with aiohttp.ClientSession() as http:
-        for _ in range(200):
-            try:
-                async with http.get(f"http://{HOST}:{ops_port}/healthz") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
         for key in keys:
             async with http.get(base, headers={"X-API-Key": key}) as r:
                 assert r.status == 200, r.status
 
         async def stats() -> dict[str, Any]:
-            async with http.get(ops, headers={"Authorization": f"Bearer {admin}"}) as r:
+            async with http.get(ops, headers={"Authorization": f"Bearer {s.admin}"}) as r:
                 return dict(await r.json())
 
         before = await stats()

@@ -11,8 +11,9 @@ may be served until `cache.stale_if_error` more seconds have passed, never past
     fresh            hit
     refresh window   hit, and a background refresh unless one is in flight
     stale            served at once while a refresh is in flight, a recent one failed or
-                     the tower's last call failed; otherwise a refresh starts and the
-                     request waits for it up to `cache.refresh_wait`, then is served stale
+                     the tower's last call failed or was too slow; otherwise a refresh
+                     starts and the request waits for it up to `cache.refresh_wait`,
+                     then is served stale
     past stale       a miss: the request waits for the tower (single flight)
 
 So a key in use never waits for the tower, and an idle key waits for a tower
@@ -240,7 +241,8 @@ class IdentityResolver:
         # Every tower lookup still running, including those a drop took out of `_inflight`
         # and background refreshes nobody awaits: cancelled by `close`.
         self._tasks: set[asyncio.Future[Identity | Rejection]] = set()
-        # The last tower call failed: a stale entry is then served without waiting.
+        # The last tower call failed, or a request gave up waiting for one; the next answer
+        # clears it. A stale entry is then served without waiting.
         self._tower_failing = False
         # Bumped by every admin drop: an answer fetched before the drop may predate
         # a revocation, so it is handed to its waiters but never cached.
@@ -318,8 +320,11 @@ class IdentityResolver:
             async with asyncio.timeout(self._config.refresh_wait):
                 answer = await asyncio.shield(future)
         except TimeoutError:
+            # A slow tower: the refresh goes on in the background, and until the tower
+            # answers again other stale entries are served without waiting.
+            self._tower_failing = True
             self.stats.stale_serves += 1
-            return stale  # a slow tower: the refresh goes on in the background
+            return stale
         except TowerFault as fault:
             return self._stale_or_fail(digest, fault)
         if isinstance(answer, Rejection):
