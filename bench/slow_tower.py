@@ -58,6 +58,8 @@ class Tower:
         key = (await request.json())["api_key"]
         self.calls[key] = self.calls.get(key, 0) + 1
         await self.answering.wait()  # while hanging: until the gateway gives up on the call
+        if not key.startswith("k-"):
+            return web.json_response({"valid": False, "reason": "invalid"}, status=401)
         return web.json_response(
             {"valid": True, "key_id": key, "user_id": "u-" + key, "role": "operator"}
         )

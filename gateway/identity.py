@@ -306,15 +306,18 @@ class IdentityResolver:
 
     async def _stale(self, api_key: str, digest: bytes, entry: _Entry, now: float) -> Resolved:
         """A stale entry (inside its stale window): served unless a quick tower says otherwise."""
-        self.stats.misses += 1
         stale = Resolved(entry.identity, digest, "stale")
+        # Served without waiting, a stale entry is a hit: the request never saw the tower.
         if digest in self._inflight or now < entry.refresh_at:
-            self.stats.stale_serves += 1  # being refreshed, or a refresh just failed
+            self.stats.hits += 1  # being refreshed, or a refresh just failed
+            self.stats.stale_serves += 1
             return stale
         future = self._refresh(api_key, digest)
         if self._tower_failing or self._config.refresh_wait <= 0:
+            self.stats.hits += 1
             self.stats.stale_serves += 1
             return stale
+        self.stats.misses += 1
         self.stats.tower_waits += 1
         try:
             async with asyncio.timeout(self._config.refresh_wait):

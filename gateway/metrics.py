@@ -66,7 +66,11 @@ class _StatsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats, positive, negative, minted, reused = self._read()
         counters = (
-            ("cache_hits", "Identity lookups answered from the cache", stats.hits),
+            (
+                "cache_hits",
+                "Identity lookups answered from the cache (stale ones served at once included)",
+                stats.hits,
+            ),
             ("cache_misses", "Identity lookups that needed the tower", stats.misses),
             ("cache_negative_hits", "Lookups answered by a cached refusal", stats.negative_hits),
             (
