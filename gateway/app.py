@@ -7,6 +7,7 @@ responses in exactly one place, `Gateway.handle`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
@@ -16,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from random import getrandbits
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote_plus
 
 import redis.asyncio
@@ -64,8 +65,11 @@ from gateway.shared import LOCK_MARGIN, Replicas, redis_client
 from gateway.tokens import SigningKey, TokenMinter, load_signing_key, private_material
 from gateway.tower import Tower
 from gateway.tracing import CURRENT as CURRENT_TRACE
-from gateway.tracing import TraceContext, continue_trace
+from gateway.tracing import TraceContext, continue_trace, span
 from gateway.websocket import SocketRegistry
+
+if TYPE_CHECKING:
+    from gateway.otlp import OtlpSpans
 
 log = logging.getLogger("tower_gateway")
 
@@ -217,6 +221,11 @@ class Gateway:
         )
         self.minter = TokenMinter(config.jwt, self.signing_key, clock=clock)
         self.forwarder = Forwarder(max_body_size=config.server.max_body_size)
+        self.spans: OtlpSpans | None = None
+        if config.tracing.otlp_endpoint:
+            from gateway.otlp import OtlpSpans  # the SDK is imported only when spans are on
+
+            self.spans = OtlpSpans(config.tracing, self.registry)
         self.limiter: RateLimiter | None = None
         self._redis: redis.asyncio.Redis | None = None
         self.replicas: Replicas | None = None
@@ -293,6 +302,8 @@ class Gateway:
 
     async def close(self) -> None:
         await self.resolver.close()
+        if self.spans is not None:
+            await asyncio.to_thread(self.spans.shutdown)  # the last batch, bounded
         await self.forwarder.close()
         if self.limiter is not None:
             await self.limiter.close()
@@ -397,6 +408,9 @@ class Gateway:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         trace = continue_trace(request.headers)
+        request_span = None
+        if self.spans is not None:
+            trace, request_span = self.spans.request(trace, request.method)
         record = RequestRecord(request_id(request.headers.get(REQUEST_ID)), trace_id=trace.trace_id)
         metrics = self.metrics
         metrics.in_flight += 1
@@ -430,6 +444,18 @@ class Gateway:
         metrics.count_request(record.route, response.status)
         record.duration = time.perf_counter() - started
         self.access_log.write(request, record)
+        if request_span is not None and self.spans is not None:
+            self.spans.finish(
+                request_span,
+                method=record.method or request.method,
+                route=record.route,
+                status=record.status,
+                decision=record.decision,
+                reason=record.reason,
+                fingerprint=record.fingerprint,
+                request_id=record.request_id,
+                path=record.path,
+            )
         return response
 
     async def _pipeline(
@@ -493,9 +519,12 @@ class Gateway:
         add_forwarding(headers, request, route, parts.trusted_proxies, record.request_id)
 
         upstream_started = time.perf_counter()
-        response = await self.forwarder.forward(
-            request, route, path, query, headers, response_headers
-        )
+        with span("upstream", client=True) as upstream:
+            if upstream is not None:
+                upstream.trace.inject(headers)  # the upstream's parent: this span
+            response = await self.forwarder.forward(
+                request, route, path, query, headers, response_headers
+            )
         self.metrics.observe_upstream(route.name, time.perf_counter() - upstream_started)
         return response
 
@@ -538,6 +567,19 @@ class Gateway:
             decision = "error" if denial.status >= 500 else "deny"
         self.audit.auth(record, decision=decision, reason=denial.reason)
 
+    async def _resolve(self, key: str, record: RequestRecord, parts: Components) -> Resolved:
+        """A lookup that may reach the tower, through the failed-authentication throttle."""
+        guard = parts.config.credentials
+        with self.failures.attempt(record.client, guard.failed_auth_per_minute):
+            try:
+                if not key_shape_ok(key, guard.key_format):
+                    # Not a key the tower could have issued: refused without asking it.
+                    raise InvalidKey("Invalid API key", reason="invalid_key")
+                return await self.resolver.resolve(key)
+            except InvalidKey as exc:
+                exc.headers = {hdrs.WWW_AUTHENTICATE: parts.www_authenticate}
+                raise
+
     async def authorize(
         self,
         key: str,
@@ -552,20 +594,14 @@ class Gateway:
         audited. `shadow`: policy denials are returned in `would_deny` instead of raised."""
         parts = parts if parts is not None else self.components
         try:
-            # A fresh cached identity cannot be a guessed key: only lookups that may
-            # reach the tower (or a cached refusal) go through the throttle.
-            resolved = self.resolver.fresh_hit(key)
-            if resolved is None:
-                guard = parts.config.credentials
-                with self.failures.attempt(record.client, guard.failed_auth_per_minute):
-                    try:
-                        if not key_shape_ok(key, guard.key_format):
-                            # Not a key the tower could have issued: refused without asking it.
-                            raise InvalidKey("Invalid API key", reason="invalid_key")
-                        resolved = await self.resolver.resolve(key)
-                    except InvalidKey as exc:
-                        exc.headers = {hdrs.WWW_AUTHENTICATE: parts.www_authenticate}
-                        raise
+            with span("identity lookup") as lookup:
+                # A fresh cached identity cannot be a guessed key: only lookups that may
+                # reach the tower (or a cached refusal) go through the throttle.
+                resolved = self.resolver.fresh_hit(key)
+                if resolved is None:
+                    resolved = await self._resolve(key, record, parts)
+                if lookup is not None:
+                    lookup.set("tower_gateway.cache", resolved.source)
             identity = resolved.identity
             record.identify(self.fingerprint(resolved), identity)
             grants = parts.mapper.grants(identity)

@@ -60,6 +60,10 @@ def _fraction(v: float) -> str | None:
     return None if 0 <= v < 1 else "must be at least 0 and less than 1"
 
 
+def _ratio(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "must be from 0 to 1"
+
+
 def _port(v: int) -> str | None:
     return None if 0 <= v <= 65535 else "not a port number (0-65535)"
 
@@ -353,6 +357,19 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """Spans exported over OTLP/HTTP (gateway.otlp); trace context is continued either way."""
+
+    # The collector's traces URL, e.g. http://otel-collector:4318/v1/traces; null = no spans.
+    otlp_endpoint: str | None = _check(_http_url, None)
+    # Share of new traces recorded; a client's sampled flag decides for the traces it continues.
+    sample_ratio: float = _check(_ratio, 1.0)
+    export_interval: float = _check(_positive, 5.0)  # seconds between batches
+    timeout: float = _check(_positive, 5.0)  # per batch, retries included
+    service_name: str = "tower-gateway"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
@@ -368,6 +385,7 @@ class Config:
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     source: str = field(default="<dict>", metadata={"internal": True})
 
 

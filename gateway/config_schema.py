@@ -42,6 +42,7 @@ _BY_CHECK: Final[Mapping[Callable[..., Any], Mapping[str, Any]]] = {
     cfg._positive: {"exclusiveMinimum": 0},
     cfg._non_negative: {"minimum": 0},
     cfg._fraction: {"minimum": 0, "exclusiveMaximum": 1},
+    cfg._ratio: {"minimum": 0, "maximum": 1},
     cfg._port: {"minimum": 0, "maximum": 65535},
     cfg._http_url: _HTTP_URL,
     cfg._redis_url: {"pattern": "^(redis|rediss|unix):"},

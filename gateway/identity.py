@@ -40,6 +40,7 @@ from cachetools import Cache, LRUCache, TTLCache
 from gateway.config import CacheConfig
 from gateway.errors import InvalidKey, TowerFault, TowerUnavailable
 from gateway.tower import Identity, Rejection, Tower
+from gateway.tracing import span
 
 log = logging.getLogger("tower_gateway.identity")
 
@@ -388,7 +389,8 @@ class IdentityResolver:
         if self.shared is None:
             return await self._fetch(api_key, digest)
         generation = self._generation
-        found = await self.shared.load(digest, lambda: self._fetch(api_key, digest, generation))
+        with span("redis shared cache", client=True):
+            found = await self.shared.load(digest, lambda: self._fetch(api_key, digest, generation))
         if not isinstance(found, SharedEntry):
             return found  # from `_fetch`, which stored it here already
         answer = found.answer

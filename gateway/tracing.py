@@ -7,6 +7,11 @@ makes for the request: the tower validation and the upstream request or WebSocke
 handshake. A malformed header is never forwarded: it is replaced, and its `tracestate`
 dropped with it. The context travels in a `ContextVar`, so the tower client, many calls
 down and in the single-flight task a request starts, reads it without new parameters.
+
+With `tracing.otlp_endpoint` set, the context also carries a `SpanRecorder`
+(`gateway.otlp`): `span(name)` then records a child span of the current one and makes it
+current, so the calls made inside it name it as their parent. Without a recorder, `span`
+returns one shared no-op context manager: tracing off costs a `ContextVar` read.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import re
 from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Final
+from types import TracebackType
+from typing import Final, Protocol
 
 from multidict import istr
 
@@ -46,6 +52,7 @@ class TraceContext:
     flags: str
     parent_id: str | None = None  # the client's span; None when the gateway began the trace
     state: str | None = None  # the client's tracestate, passed on unchanged
+    recorder: SpanRecorder | None = None  # records this trace's spans; None: none are
 
     @property
     def traceparent(self) -> str:
@@ -125,6 +132,52 @@ def continue_trace(headers: Mapping[str, str]) -> TraceContext:
 
 
 CURRENT: Final[ContextVar[TraceContext | None]] = ContextVar("tower_gateway_trace", default=None)
+
+
+class SpanHandle(Protocol):
+    """A recorded span, open: attributes may still be added."""
+
+    trace: TraceContext  # the context whose span_id is this span's: the parent of calls in it
+
+    def set(self, name: str, value: str | int | float | bool) -> None: ...
+
+
+class SpanScope(Protocol):
+    def __enter__(self) -> SpanHandle | None: ...
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class SpanRecorder(Protocol):
+    def child(self, parent: TraceContext, name: str, *, client: bool) -> SpanScope:
+        """A scope recording one span under `parent`, current while it is open."""
+        ...
+
+
+class _NoSpan:
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+
+NO_SPAN: Final[SpanScope] = _NoSpan()
+
+
+def span(name: str, *, client: bool = False) -> SpanScope:
+    """A child span of the current one (`client`: a call to another service), or a no-op."""
+    trace = CURRENT.get()
+    if trace is None or trace.recorder is None:
+        return NO_SPAN
+    return trace.recorder.child(trace, name, client=client)
 
 
 def outgoing(headers: Mapping[str, str]) -> Mapping[str, str]:

@@ -21,7 +21,7 @@ from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector
 from gateway.config import TowerConfig
 from gateway.errors import TowerFault
 from gateway.tower import TowerAnswer, parse_answer
-from gateway.tracing import outgoing
+from gateway.tracing import outgoing, span
 
 MAX_BODY: Final = 64 * 1024
 VALIDATE_PATH: Final = "/api/v1/validate"
@@ -65,8 +65,9 @@ class RemoteTower:
 
     async def validate(self, api_key: str) -> TowerAnswer:
         try:
-            async with asyncio.timeout(self._timeout):
-                status, body = await self._exchange(api_key)
+            with span("tower validate", client=True):
+                async with asyncio.timeout(self._timeout):
+                    status, body = await self._exchange(api_key)
         except TimeoutError:
             raise TowerFault("timeout", f"no complete answer within {self._timeout}s") from None
         except aiohttp.ClientConnectorError as exc:
