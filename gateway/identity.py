@@ -480,6 +480,8 @@ class IdentityResolver:
         # A shared copy may come with little fresh life left: its refresh is due in the same
         # proportion, so a replica asks Redis again a few times at most before a lead refreshes.
         refresh_at = fresh_until - self._config.refresh_ahead * max(0.0, fresh_until - now)
+        if identity.expires_at is not None and fresh_until >= identity.expires_at:
+            refresh_at = fresh_until  # its expiry ends it: no answer could make it live longer
         self._positive[digest] = _Entry(identity, fresh_until, stale_until, refresh_at)
 
     def _drop(self, digest: bytes) -> None:

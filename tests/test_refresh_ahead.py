@@ -97,6 +97,18 @@ async def test_refresh_ahead_zero_refreshes_only_stale_entries(
     assert stats(h)["tower_waits"] == 2
 
 
+async def test_an_entry_its_expiry_ends_is_not_refreshed_ahead(
+    make_gateway: GatewayFactory,
+) -> None:
+    clock = Clock()
+    h = await make_gateway(clock=clock, cache={"ttl": 300, "refresh_ahead": 0.5})
+    h.tower.add("good-key-1", key_id="k1", user_id="u1", role="operator", expires_at=clock.now + 10)
+    assert (await h.client.get("/x", headers=GOOD)).status == 200
+    clock.advance(9)  # in the last half of its 10 s, but a refresh cannot extend it
+    assert (await h.client.get("/x", headers=GOOD)).status == 200
+    assert h.tower.calls == ["good-key-1"] and stats(h)["refreshes"] == 0
+
+
 # --------------------------------------------------------------------------- a hanging tower
 
 
