@@ -213,29 +213,26 @@ async def test_a_refusal_during_the_stale_window_wins_over_the_entry(
     assert h.gateway.resolver.entry_counts()[0] == 0
 
 
-async def test_an_admin_drop_during_a_refresh_wins(make_gateway: GatewayFactory) -> None:
+@pytest.mark.parametrize(
+    ("when", "how"),
+    [(8.5, "admin"), (11, "admin"), (8.5, "revocation"), (11, "revocation")],
+)
+async def test_a_drop_during_a_refresh_wins(
+    make_gateway: GatewayFactory, when: float, how: str
+) -> None:
     clock = Clock()
     h = await cached(make_gateway, clock)
     h.tower.gate = asyncio.Event()
-    clock.advance(8.5)
+    clock.advance(when)  # in the refresh window, or stale
     assert (await h.client.get("/x", headers=GOOD)).status == 200
     await until(lambda: len(h.tower.calls) == 2, what="the refresh at the tower")
-    dropped = await h.ops.delete("/admin/cache/k1", headers=h.admin_headers())
-    assert dropped.status == 200
+    if how == "admin":
+        dropped = await h.ops.delete("/admin/cache/k1", headers=h.admin_headers())
+        assert dropped.status == 200
+    else:
+        assert h.gateway.forget_locally(["k1"]) == 1  # what a revocation from Redis applies
     assert h.gateway.resolver.entry_counts()[0] == 0
     h.tower.gate.set()  # the refresh began before the drop: its answer is not cached
-    await until(lambda: not h.gateway.resolver._tasks, what="the refresh to finish")
-    assert h.gateway.resolver.entry_counts()[0] == 0
-
-
-async def test_a_pushed_revocation_during_a_refresh_wins(make_gateway: GatewayFactory) -> None:
-    clock = Clock()
-    h = await cached(make_gateway, clock)
-    h.tower.gate = asyncio.Event()
-    clock.advance(11)
-    assert (await h.client.get("/x", headers=GOOD)).status == 200  # stale, refresh held
-    assert h.gateway.forget_locally(["k1"]) == 1  # what a revocation from Redis applies
-    h.tower.gate.set()
     await until(lambda: not h.gateway.resolver._tasks, what="the refresh to finish")
     assert h.gateway.resolver.entry_counts()[0] == 0
 
