@@ -173,7 +173,8 @@ def main() -> None:
                 }
             gateway_env = env
             if args.tree is not None:
-                gateway_env = {**env, "PYTHONPATH": str(Path(args.tree).resolve())}
+                tree = str(Path(args.tree).resolve())  # first, so its `gateway` is imported
+                gateway_env = {**env, "PYTHONPATH": os.pathsep.join([tree, env["PYTHONPATH"]])}
             (work / "gateway.yaml").write_text(json.dumps(config))  # JSON is YAML
             print(f"gateway: {args.requests} cached-key requests under callgrind ...", flush=True)
             gateway = measure(

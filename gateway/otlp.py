@@ -9,7 +9,9 @@ collector is logged at most once a minute (the SDK's own per-batch errors are si
 Spans: `request` (server: route, decision, reason id, the key's fingerprint, never the
 key), and under it `identity lookup`, `tower validate`, `redis shared cache` and
 `upstream` (client spans for calls to other services). Sampling: a client's sampled flag
-decides for the trace it continues; a new trace is recorded with `tracing.sample_ratio`.
+decides for the trace it continues; a new trace is recorded with `tracing.sample_ratio`
+(on its trace id, as the SDK's ratio sampler does). An unsampled request makes no SDK call
+at all: it carries no recorder, so its child spans are the no-op.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from prometheus_client import CollectorRegistry, Counter
 
 from gateway.config import TracingConfig
@@ -151,20 +153,30 @@ class OtlpSpans:
             export_timeout_millis=config.timeout * 1000,
         )
         self._provider = TracerProvider(
-            sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
+            sampler=ALWAYS_ON,  # `request` samples; everything below a recorded span is
             resource=Resource.create({"service.name": config.service_name}),
             shutdown_on_exit=False,
         )
         self._provider.add_span_processor(self._processor)
         self.tracer = self._provider.get_tracer("tower_gateway")
+        self._bound = round(config.sample_ratio * 2**64)
         self._lock = threading.Lock()
         self._closed = False
 
     # ------------------------------------------------------------------ the request span
 
-    def request(self, trace: TraceContext, method: str) -> tuple[TraceContext, otel.Span]:
+    def request(self, trace: TraceContext, method: str) -> tuple[TraceContext, otel.Span | None]:
         """The request's span (the client's span its parent, if it sent one), and the trace
-        context that names it."""
+        context that names it; no span for a trace that is not sampled."""
+        if trace.parent_id is not None:
+            sampled = trace.sampled  # the client decided for its trace
+        else:
+            # As the SDK's TraceIdRatioBased: the trace id's low 64 bits against the ratio.
+            sampled = int(trace.trace_id[16:], 16) < self._bound
+        if not sampled:
+            # Decided before any SDK call: an unrecorded request costs what tracing off does,
+            # and the calls it makes are told it is not sampled.
+            return (trace if trace.parent_id is not None else replace(trace, flags="00")), None
         parent = None
         if trace.parent_id is not None:
             remote = otel.NonRecordingSpan(_span_context(trace, remote=True))

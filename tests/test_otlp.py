@@ -144,9 +144,13 @@ async def test_a_new_trace_is_sampled_by_ratio_a_continued_one_by_its_flag(
     assert (await h.client.get("/x", headers=GOOD)).status == 200
     _, _, flags = parts(h.upstream.seen[0].header("traceparent"))
     assert int(flags, 16) & 1 == 0  # not recorded, and the upstream is told so
+    unsampled = PARENT[:-2] + "00"  # a client that records nothing of this trace
+    assert (await h.client.get("/x", headers={**GOOD, "traceparent": unsampled})).status == 200
+    assert parts(h.upstream.seen[1].header("traceparent"))[::2] == (TRACE, "00")
     assert (await h.client.get("/x", headers={**GOOD, "traceparent": PARENT})).status == 200
     await until(lambda: collector.named("GET root"), what="the sampled request's span")
     assert {s["trace_id"] for s in collector.spans} == {TRACE}
+    assert len(collector.named("GET root")) == 1  # the sampled one only
 
 
 async def test_a_collector_that_is_down_costs_requests_nothing_and_is_counted(
