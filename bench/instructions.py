@@ -152,7 +152,10 @@ def main() -> None:
     parser.add_argument("--gateway-only", action="store_true")
     args = parser.parse_args()
     args.valgrind = ensure_valgrind()
-    python = os.path.realpath(sys.executable)  # valgrind must see the interpreter, not a shim
+    # valgrind must start the interpreter itself, not a shim script (pyenv's); a venv's
+    # python is a link to the interpreter and must stay as it is, or the venv is lost.
+    in_venv = sys.prefix != sys.base_prefix
+    python = sys.executable if in_venv else os.path.realpath(sys.executable)
     env = bench_env()
     up, tower = free_port(), free_port()
     servers = BENCH_DIR / "servers.py"

@@ -38,10 +38,11 @@ from yarl import URL
 ROOT: Final = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.app import Gateway, request_id  # noqa: E402
+from gateway.app import Gateway  # noqa: E402
+from gateway.auth.routes import normalise_path  # noqa: E402
 from gateway.config import Config, parse_config  # noqa: E402
-from gateway.proxy import connection_tokens  # noqa: E402
-from gateway.routes import normalise_path  # noqa: E402
+from gateway.http.answers import request_id  # noqa: E402
+from gateway.http.headers import connection_tokens  # noqa: E402
 from gateway.tower import Identity, TowerAnswer, parse_answer  # noqa: E402
 
 ENV: Final = {
@@ -303,7 +304,7 @@ def bench_headers(table: Table) -> None:
 
 
 def bench_pipeline_pieces(table: Table) -> None:
-    """The other per-request steps of `Gateway.handle`, to rank them against auth."""
+    """The other per-request steps of the proxy listener's `handle`, to rank them against auth."""
     gateway = make_gateway(make_config())
     routes = gateway.components.routes
     metrics = gateway.metrics

@@ -1,20 +1,28 @@
 """The one exception tree of the gateway; every denial becomes a response in one place.
 
-    GatewayError                      status  reason id
-    ├── BadRequest                    400     malformed_request, conflicting_keys,
-    │                                         repeated_key, malformed_key, bad_path,
-    │                                         key_in_query, bad_method
-    ├── MissingKey                    401     missing_key
-    ├── InvalidKey                    401     invalid_key, expired_key, revoked_key
-    ├── Forbidden                     403     missing_capability, origin_not_allowed
-    ├── NotFound                      404     no_route
-    ├── MethodNotAllowed              405     method_not_allowed
-    ├── PayloadTooLarge               413     body_too_large
-    ├── ExpectationFailed             417     expectation_failed
-    ├── RateLimited                   429     rate_limited, too_many_failures
-    ├── UpstreamUnavailable           502     upstream_unavailable
-    ├── TowerUnavailable              503     tower_unavailable
-    └── UpstreamTimeout               504     upstream_timeout
+    GatewayError                      status  WS close  reason id
+    ├── BadRequest                    400     1011      malformed_request, conflicting_keys,
+    │   │                                               repeated_key, bad_path,
+    │   │                                               key_in_query, bad_method
+    │   └── MalformedKey              400     4401      malformed_key
+    ├── MissingKey                    401     4401      missing_key
+    ├── InvalidKey                    401     4401      invalid_key, expired_key, revoked_key
+    ├── Forbidden                     403     4403      missing_capability, origin_not_allowed
+    ├── NotFound                      404     1011      no_route
+    ├── MethodNotAllowed              405     1011      method_not_allowed
+    ├── PayloadTooLarge               413     1011      body_too_large
+    ├── ExpectationFailed             417     1011      expectation_failed
+    ├── RateLimited                   429     4429      rate_limited, too_many_failures
+    ├── UpstreamUnavailable           502     1014      upstream_unavailable
+    ├── TowerUnavailable              503     1013      tower_unavailable
+    └── UpstreamTimeout               504     1014      upstream_timeout
+
+Each error also knows its outcome (`outcome()`): `deny` for what the client
+sent or may not do, `error` when the gateway or what it depends on failed, and
+`would_deny` for a denial of the caller's identity or policy (401, 403, 429) on
+a shadow route, which forwards it anyway. The WS close code is what a WebSocket
+whose 101 is already out gets instead of the status, with `client_message` in
+an error frame before it.
 
 An error raised with `close=True` also closes the client's connection: after a
 request whose framing is in doubt, nothing more may be read from it.
@@ -27,7 +35,20 @@ stale identity or into `TowerUnavailable`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, Final
+
+# Denials that `enforce: false` forwards (and records as would_deny): the caller's
+# identity or policy, never a malformed request or an unavailable tower.
+SHADOW_STATUSES: Final = frozenset({401, 403, 429})
+
+# WebSocket close codes (RFC 6455 7.4.1, and the 4xxx range the gateway uses
+# like the HTTP statuses they mirror).
+WS_INTERNAL_ERROR: Final = 1011
+WS_TRY_AGAIN_LATER: Final = 1013
+WS_BAD_GATEWAY: Final = 1014
+WS_UNAUTHORIZED: Final = 4401
+WS_FORBIDDEN: Final = 4403
+WS_RATE_LIMITED: Final = 4429
 
 
 class GatewayError(Exception):
@@ -35,6 +56,7 @@ class GatewayError(Exception):
 
     status: ClassVar[int] = 500
     default_reason: ClassVar[str] = "internal_error"
+    close_code: ClassVar[int] = WS_INTERNAL_ERROR
 
     def __init__(
         self,
@@ -50,25 +72,59 @@ class GatewayError(Exception):
         self.headers: Mapping[str, str] = headers or {}
         self.close = close
 
+    def outcome(self, *, shadow: bool = False) -> str:
+        """`deny`, `error`, or `would_deny` when a shadow route forwards it anyway."""
+        if shadow and self.status in SHADOW_STATUSES:
+            return "would_deny"
+        return "error" if self.status >= 500 else "deny"
+
+    @property
+    def client_message(self) -> str:
+        """What a WebSocket client is told in its error frame."""
+        return self.detail
+
+    @property
+    def close_reason(self) -> str:
+        """The reason in the WebSocket close frame."""
+        return self.detail
+
 
 class BadRequest(GatewayError):
     status = 400
     default_reason = "malformed_request"
 
 
+class MalformedKey(BadRequest):
+    """A value where a key goes that cannot be a key: refused without asking the tower."""
+
+    default_reason = "malformed_key"
+    close_code = WS_UNAUTHORIZED
+
+    @property
+    def client_message(self) -> str:
+        return "Invalid API key"
+
+
 class MissingKey(GatewayError):
     status = 401
     default_reason = "missing_key"
+    close_code = WS_UNAUTHORIZED
 
 
 class InvalidKey(GatewayError):
     status = 401
     default_reason = "invalid_key"
+    close_code = WS_UNAUTHORIZED
+
+    @property
+    def client_message(self) -> str:
+        return "Invalid API key"
 
 
 class Forbidden(GatewayError):
     status = 403
     default_reason = "missing_capability"
+    close_code = WS_FORBIDDEN
 
 
 class NotFound(GatewayError):
@@ -94,21 +150,33 @@ class ExpectationFailed(GatewayError):
 class RateLimited(GatewayError):
     status = 429
     default_reason = "rate_limited"
+    close_code = WS_RATE_LIMITED
 
 
 class UpstreamUnavailable(GatewayError):
     status = 502
     default_reason = "upstream_unavailable"
+    close_code = WS_BAD_GATEWAY
 
 
 class TowerUnavailable(GatewayError):
     status = 503
     default_reason = "tower_unavailable"
+    close_code = WS_TRY_AGAIN_LATER
+
+    @property
+    def client_message(self) -> str:
+        return "Service unavailable"
+
+    @property
+    def close_reason(self) -> str:
+        return "Service unavailable"
 
 
 class UpstreamTimeout(GatewayError):
     status = 504
     default_reason = "upstream_timeout"
+    close_code = WS_BAD_GATEWAY
 
 
 class TowerFault(Exception):

@@ -9,7 +9,7 @@ dropped with it. The context travels in a `ContextVar`, so the tower client, man
 down and in the single-flight task a request starts, reads it without new parameters.
 
 With `tracing.otlp_endpoint` set, the context also carries a `SpanRecorder`
-(`gateway.otlp`): `span(name)` then records a child span of the current one and makes it
+(`gateway.ops.otlp`): `span(name)` then records a child span of the current one and makes it
 current, so the calls made inside it name it as their parent. Without a recorder, `span`
 returns one shared no-op context manager: tracing off costs a `ContextVar` read.
 """

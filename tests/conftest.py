@@ -20,10 +20,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
-from gateway.accesslog import AccessLog
 from gateway.app import Gateway
 from gateway.config import Config, parse_config
-from gateway.httpserver import GatewayRunner
+from gateway.http.server import GatewayRunner
+from gateway.ops.accesslog import AccessLog
 
 pytest_plugins = ("tests.redis_support",)
 
@@ -310,7 +310,7 @@ GatewayFactory = Callable[..., Awaitable[Harness]]
 
 
 class GatewayTestServer(TestServer):
-    """A test server that runs its app as `gateway.serve` does: under `GatewayRunner`, so
+    """A test server that runs its app as `gateway.runtime.serve` does: under `GatewayRunner`, so
     requests aiohttp's parser refuses are answered as a deployed gateway answers them."""
 
     async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:

@@ -19,12 +19,12 @@ from aiohttp.test_utils import TestClient, make_mocked_request
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
-from gateway.accesslog import AccessLog, RequestRecord
 from gateway.app import Gateway
-from gateway.audit import AuditLog
 from gateway.config import load_config, parse_config
 from gateway.errors import ConfigError
-from gateway.shared import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign_webhook
+from gateway.ops.accesslog import AccessLog, RequestRecord
+from gateway.ops.audit import AuditLog
+from gateway.replicas.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign_webhook
 from tests.conftest import (
     ENV,
     SECRETS,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.capabilities import CapabilityMapper
+from gateway.auth.capabilities import CapabilityMapper
 from gateway.config import parse_config
 from gateway.tower import Identity
 from tests.conftest import ENV, GatewayFactory, Harness

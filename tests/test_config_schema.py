@@ -18,8 +18,9 @@ import pytest
 import yaml
 
 from gateway import config as cfg
-from gateway.cli import main
-from gateway.config_schema import SCHEMA_FILE, SchemaError, _section, config_schema
+from gateway.cli.main import main
+from gateway.config import schema
+from gateway.config.jsonschema import SCHEMA_FILE, SchemaError, _section, config_schema
 from gateway.errors import ConfigError
 from tests.conftest import ENV
 
@@ -152,7 +153,7 @@ def test_enums_agree_with_their_checks() -> None:
 def test_a_check_without_a_schema_rule_stops_the_generator() -> None:
     @dataclass(frozen=True, slots=True)
     class Odd:
-        size: int = cfg._check(lambda v: None if v % 2 else "must be odd", 1)
+        size: int = schema._check(lambda v: None if v % 2 else "must be odd", 1)
 
     with pytest.raises(SchemaError, match=r"Odd\.size"):
         _section(Odd, {})

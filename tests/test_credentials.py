@@ -9,7 +9,7 @@ from aiohttp import ClientResponse
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.credentials import CredentialExtractor
+from gateway.auth.credentials import CredentialExtractor
 from gateway.errors import BadRequest
 from tests.conftest import GatewayFactory, Harness
 

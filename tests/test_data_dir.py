@@ -51,7 +51,7 @@ os.setgroups([])
 os.setgid({UID})
 os.setuid({UID})
 assert os.getuid() == os.geteuid() == {UID}
-from gateway.cli import main
+from gateway.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from gateway.deadlines import Deadlines
+from gateway.proxy.deadlines import Deadlines
 
 
 async def guarded(deadlines: Deadlines, seconds: float, work: float) -> str:
-    """`work` seconds of waiting under a `seconds` deadline, as `gateway.proxy` runs one."""
+    """`work` seconds of waiting under a `seconds` deadline, as the forwarder runs one."""
     task = asyncio.current_task()
     assert task is not None
     deadlines.arm(task, seconds)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import cli
+from gateway.cli import main as cli
 from tests.conftest import ADMIN_TOKEN, ENV, GatewayFactory, Harness
 from tests.test_ops import sample
 

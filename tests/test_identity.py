@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from gateway.auth.fingerprint import Fingerprinter
+from gateway.auth.identity import IdentityResolver
 from gateway.config import CacheConfig, TowerConfig
 from gateway.errors import InvalidKey, TowerUnavailable
-from gateway.identity import Fingerprinter, IdentityResolver
 from gateway.tower.client import RemoteTower
 from tests.conftest import (
     TOWER_API_KEY,
@@ -370,8 +371,8 @@ async def test_invalidate_and_clear(make_resolver: ResolverFactory, fake_tower: 
     resolver = make_resolver()
     for key in ("a", "a2", "b"):
         await resolver.resolve(key)
-    assert len(resolver.invalidate_key_id("ka")) == 2
-    assert resolver.invalidate_key_id("unknown") == set()
+    assert len(resolver.invalidate_key_ids(["ka"])) == 2
+    assert resolver.invalidate_key_ids(["unknown"]) == set()
     assert (await resolver.resolve("b")).source == "hit"
     assert (await resolver.resolve("a")).source == "tower"
     resolver.clear()

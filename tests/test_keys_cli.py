@@ -15,10 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.cli.keys import register
 from gateway.config import load_config
-from gateway.keys_cli import register
 from gateway.tower import keyformat
-from gateway.tower.local import KeyStore, resolve_hash_secret
+from gateway.tower.local import resolve_hash_secret
+from gateway.tower.store import KeyStore
 
 ROOT = Path(__file__).resolve().parent.parent
 JWT_SECRET = "j" * 40
@@ -227,7 +228,7 @@ def test_tower_serve_answers_until_sigterm(tmp_path: Path, store: KeyStore) -> N
         [
             sys.executable,
             "-m",
-            "gateway.keys_cli",
+            "gateway.cli.keys",
             "tower",
             "serve",
             "--config",

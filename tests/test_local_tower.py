@@ -19,13 +19,9 @@ import pytest
 from gateway.config import LocalTowerConfig
 from gateway.errors import ConfigError, TowerFault
 from gateway.tower import Identity, Rejection, keyformat, parse_answer
-from gateway.tower.local import (
-    KeyNotFound,
-    KeyStore,
-    LocalTower,
-    StoreError,
-    resolve_hash_secret,
-)
+from gateway.tower.local import LocalTower, resolve_hash_secret
+from gateway.tower.records import KeyNotFound, StoreError
+from gateway.tower.store import KeyStore
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = b"s" * 32
@@ -346,7 +342,8 @@ _WORKER = """
 import json, os, sys, time
 from pathlib import Path
 from gateway.config import LocalTowerConfig
-from gateway.tower.local import KeyStore, resolve_hash_secret
+from gateway.tower.local import resolve_hash_secret
+from gateway.tower.store import KeyStore
 
 db, name, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 Path(f"{go}.{name}.ready").touch()

@@ -10,9 +10,9 @@ import jsonschema
 from aiohttp import hdrs, web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.group_ops import create_group_ops_app
-from gateway.openapi import OPENAPI_PATH, admin_openapi
-from gateway.workers import WorkerGroup
+from gateway.ops.openapi import OPENAPI_PATH, admin_openapi
+from gateway.runtime.group_ops import create_group_ops_app
+from gateway.runtime.workers import WorkerGroup
 from tests.conftest import ADMIN_TOKEN, Harness, gateway_config
 
 METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}

@@ -16,7 +16,7 @@ from aiohttp import ClientPayloadError, ClientResponse, web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from gateway.app import request_id
+from gateway.http.answers import request_id
 from tests.conftest import FakeUpstream, GatewayFactory, Harness, RawHandler
 from tests.security.conftest import exchange, request_bytes
 

@@ -12,7 +12,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway.ratelimit import (
+from gateway.auth.ratelimit import (
     MAX_PER_MINUTE,
     MIN_PER_MINUTE,
     Decision,
@@ -276,6 +276,27 @@ async def test_redis_limit_is_shared_by_two_replicas(
     assert 9.0 < refused.retry_after <= 10.0
     assert 59.0 < refused.reset_after <= 60.0
     assert fallbacks.count == 0
+
+
+async def test_peek_says_what_a_request_would_get_and_spends_nothing(
+    clients: list[redis.asyncio.Redis],
+) -> None:
+    memory = MemoryRateLimiter()
+    for limiter in (_limiter(clients[0]), memory):
+        assert (await limiter.peek("fp-peek", 2)).allowed
+        assert await clients[1].keys(f"{PREFIX}*") == []  # a peek writes nothing
+        for _ in range(5):
+            peeked = await limiter.peek("fp-peek", 2)
+            assert (peeked.allowed, peeked.remaining) == (True, 1)
+        assert [(await limiter.hit("fp-peek", 2)).allowed for _ in range(3)] == [
+            True,
+            True,
+            False,
+        ]
+        refused = await limiter.peek("fp-peek", 2)
+        assert not refused.allowed and 29.0 < refused.retry_after <= 30.0
+        await clients[1].flushdb()
+    assert len(memory) == 1
 
 
 async def test_redis_key_name_and_expiry(clients: list[redis.asyncio.Redis]) -> None:

@@ -23,10 +23,10 @@ import yaml
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
-from gateway.admin import config_json
 from gateway.app import Gateway
 from gateway.config import load_config
-from gateway.reload import merge
+from gateway.ops.admin import config_json
+from gateway.ops.reload import merge
 from tests.conftest import (
     ADMIN_TOKEN,
     ENV,
@@ -531,8 +531,8 @@ async def test_a_replaced_key_file_is_a_new_key_at_once(
 async def test_the_old_public_key_leaves_the_jwks_after_one_token_lifetime(
     file_gateway: FileGateway, tmp_path: Path
 ) -> None:
+    from gateway.auth.tokens import load_signing_key
     from gateway.config import JwtConfig
-    from gateway.tokens import load_signing_key
     from tests.test_tokens import write_key
 
     h = file_gateway.harness

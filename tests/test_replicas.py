@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 import redis.asyncio
 
-from gateway.shared import WEBHOOK_MAX_AGE, sign_webhook, verify_webhook
+from gateway.replicas.webhook import WEBHOOK_MAX_AGE, sign_webhook, verify_webhook
 from tests.conftest import ADMIN_TOKEN, GatewayFactory, Harness
 from tests.redis_support import RedisServer
 

@@ -9,9 +9,9 @@ import pytest
 from aiohttp import ClientResponse
 from yarl import URL
 
+from gateway.auth.routes import RouteTable, normalise_path
 from gateway.config import RouteConfig
 from gateway.errors import BadRequest, NotFound
-from gateway.routes import RouteTable, normalise_path
 from tests.conftest import GatewayFactory, Harness
 
 GOOD = {"X-API-Key": "good-key-1"}

@@ -12,7 +12,7 @@ from aiohttp import ClientResponse
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.accesslog import AccessLog
+from gateway.ops.accesslog import AccessLog
 from tests.conftest import SECRETS, GatewayFactory, Harness
 
 VALID = "sk-live-CLIENTKEY-AAAA1111"

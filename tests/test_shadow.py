@@ -11,7 +11,7 @@ from typing import Any
 import jwt
 from multidict import CIMultiDict
 
-from gateway.accesslog import AccessLog
+from gateway.ops.accesslog import AccessLog
 from tests.conftest import JWT_SECRET, FakeUpstream, GatewayFactory, Harness
 from tests.test_audit import audit_events, by_request
 from tests.test_ops import sample

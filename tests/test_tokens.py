@@ -12,9 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from gateway.auth.tokens import load_signing_key
 from gateway.config import JwtConfig
 from gateway.errors import ConfigError
-from gateway.tokens import load_signing_key
 from tests.conftest import JWT_SECRET, GatewayFactory, Harness
 
 GOOD = {"X-API-Key": "good-key-1"}

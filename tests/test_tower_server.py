@@ -14,8 +14,8 @@ from gateway.config import TowerConfig
 from gateway.errors import TowerFault
 from gateway.tower import Identity, Rejection, parse_answer
 from gateway.tower.client import RemoteTower
-from gateway.tower.local import KeyStore
 from gateway.tower.server import MAX_REQUEST_BYTES, create_tower_app
+from gateway.tower.store import KeyStore
 
 API_KEY = "gateway-credential-0123456789"
 SECRET = "tower-shared-secret-0123456789"

@@ -29,9 +29,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import load_config, parse_config_text
-from gateway.group_ops import merge_cache_stats, merge_expositions
-from gateway.shared import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign_webhook
-from gateway.workers import WorkerGroup, backoff
+from gateway.replicas.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign_webhook
+from gateway.runtime.group_ops import merge_cache_stats, merge_expositions
+from gateway.runtime.slots import backoff
+from gateway.runtime.workers import WorkerGroup
 from tests.conftest import (
     ADMIN_TOKEN,
     ENV,

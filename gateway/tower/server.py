@@ -17,7 +17,9 @@ from typing import Final
 
 from aiohttp import hdrs, web
 
-from gateway.tower.local import KeyStore, flush_periodically
+from gateway.http.answers import json_error
+from gateway.tower.local import flush_periodically
+from gateway.tower.store import KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ SECRET_HEADER: Final = "X-Tower-Secret"
 
 
 def _error(status: int, code: str, detail: str, **headers: str) -> web.Response:
-    return web.json_response({"error": code, "detail": detail}, status=status, headers=headers)
+    return json_error(status, code, detail, headers=headers)
 
 
 def _same(given: str | None, expected: bytes) -> bool:

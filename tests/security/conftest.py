@@ -3,7 +3,7 @@ run as its own process (`python -m gateway serve`), with aiohttp's C parser or w
 its pure-Python one (`AIOHTTP_NO_EXTENSIONS=1`).
 
 The shared `make_gateway` already serves the proxy app under `GatewayRunner`, as
-`gateway.serve` runs it, so requests aiohttp's parser refuses are answered the way
+`gateway.runtime.serve` runs it, so requests aiohttp's parser refuses are answered the way
 a deployed gateway answers them.
 """
 
@@ -31,7 +31,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.accesslog import AccessLog
+from gateway.ops.accesslog import AccessLog
 from tests.conftest import (
     ENV,
     FakeTower,

@@ -114,7 +114,7 @@ async def test_requests_that_keep_coming_are_not_cut(tgw: Harness) -> None:
 
 def test_defaults_are_ten_and_seventy_five_seconds() -> None:
     from gateway.config import ServerConfig
-    from gateway.httpserver import Timeouts
+    from gateway.http.server import Timeouts
 
     assert (ServerConfig().header_timeout, ServerConfig().keepalive_timeout) == (10.0, 75.0)
     assert Timeouts() == Timeouts(10.0, 75.0)
@@ -124,8 +124,8 @@ def test_the_supervisors_ops_listener_has_the_timeouts() -> None:
     from types import SimpleNamespace
 
     from gateway.config import parse_config
-    from gateway.group_ops import create_group_ops_app
-    from gateway.httpserver import TIMEOUTS, Timeouts
+    from gateway.http.server import TIMEOUTS, Timeouts
+    from gateway.runtime.group_ops import create_group_ops_app
     from tests.conftest import ENV
 
     config = parse_config({"server": {"header_timeout": 3, "keepalive_timeout": 9}}, env=ENV)

@@ -16,8 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 import gateway
-from gateway.tower.local import KeyStore
 from gateway.tower.server import create_tower_app
+from gateway.tower.store import KeyStore
 from tests.conftest import ADMIN_TOKEN, Harness
 from tests.security.conftest import exchange
 
@@ -60,7 +60,13 @@ def test_no_secret_is_compared_with_eq() -> None:
 
 @pytest.mark.parametrize(
     ("module", "function"),
-    [("ops.py", "admin_guard"), ("tower/server.py", "_same"), ("shared.py", None)],
+    [
+        ("ops/listener.py", "admin_guard"),
+        ("tower/server.py", "_same"),
+        ("replicas/webhook.py", "verify_webhook"),
+        ("replicas/cache.py", None),
+        ("replicas/bus.py", None),
+    ],
 )
 def test_the_deciding_comparisons_are_compare_digest(module: str, function: str | None) -> None:
     tree = ast.parse((SOURCE / module).read_text())

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.auth.routes import RouteTable, normalise_path
 from gateway.config import parse_config
 from gateway.errors import BadRequest
-from gateway.routes import RouteTable, normalise_path
 from tests.conftest import ENV, GatewayFactory, Harness
 from tests.security.conftest import ADMIN, add_keys, exchange, request_bytes
 

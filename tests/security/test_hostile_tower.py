@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.capabilities import CapabilityMapper
+from gateway.auth.capabilities import CapabilityMapper
 from gateway.config import parse_config
 from gateway.tower import Identity
 from tests.conftest import (

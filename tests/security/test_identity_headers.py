@@ -10,7 +10,7 @@ import pytest
 from aiohttp import WSMsgType
 from multidict import CIMultiDict
 
-from gateway.proxy import GATEWAY_SET, IDENTITY_HEADERS, canonical
+from gateway.http.headers import GATEWAY_SET, IDENTITY_HEADERS, canonical
 from tests.conftest import GatewayFactory, Harness
 from tests.security.conftest import GOOD, WsUpstream, add_keys, upstream_text
 

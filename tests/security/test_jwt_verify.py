@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from gateway.tokens import load_signing_key
+from gateway.auth.tokens import load_signing_key
 from gateway.verify import InvalidToken, Verifier
 from tests.conftest import JWT_SECRET, GatewayFactory, Harness
 from tests.security.conftest import GOOD, BackgroundApps, add_keys

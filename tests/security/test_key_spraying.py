@@ -21,10 +21,11 @@ import aiohttp
 import pytest
 import uvloop
 
-from gateway.clientguard import FailureThrottle, client_bucket
+from gateway.auth.clientguard import FailureThrottle, client_bucket
+from gateway.auth.fingerprint import Fingerprinter
+from gateway.auth.identity import IdentityResolver
 from gateway.config import CacheConfig, parse_config
 from gateway.errors import InvalidKey, RateLimited
-from gateway.identity import Fingerprinter, IdentityResolver
 from gateway.tower import Identity, Rejection
 from gateway.tower.keyformat import generate
 from tests.conftest import ENV, GatewayFactory, Harness

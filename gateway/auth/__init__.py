@@ -1,0 +1,1 @@
+"""The decision: credentials, identity (cache, tower), capabilities, policy, limits, tokens."""

@@ -1,0 +1,1 @@
+"""The `tower-gateway` command and its subcommands."""

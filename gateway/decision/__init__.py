@@ -1,0 +1,1 @@
+"""The decision listener (auth_request, ext_authz) for someone else's proxy."""

@@ -1,0 +1,1 @@
+"""What operators see and do: metrics, audit and access logs, the admin API, explain, reload."""

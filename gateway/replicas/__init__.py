@@ -1,0 +1,1 @@
+"""Many replicas as one: the Redis-shared identity cache and the revocation bus."""

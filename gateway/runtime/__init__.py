@@ -1,0 +1,1 @@
+"""Running the gateway: one process (`serve`) or a supervised group of workers."""

@@ -1,0 +1,1 @@
+"""WebSocket upgrades: authenticated handshakes, the frame relay, the registry of open sockets."""
