@@ -464,7 +464,12 @@ class Row:
     error: str | None = None
 
 
-ROW_ORDER: Final = ("a", "b", "b-rl", "b-log", "c", "d", "e", "e-warm", "f", "g", "h")
+ROW_ORDER: Final = (
+    "a", "b", "b-rl", "b-rl-redis", "b-rl-batched", "b-log", "c", "d", "e", "e-warm", "f", "g",
+    "h", "i", "i-cache", "j",
+)  # fmt: skip
+# Decision mode (i, i-cache, j): the data plane's shared token, sent by the generated config.
+DECISION_TOKEN: Final = "bench-decision-token-0123456789"
 
 
 def gateway_config_keys(section: str) -> set[str]:
@@ -516,10 +521,23 @@ def gateway_config(
     per_minute: float = 0,
     max_entries: int = 100_000,
     log: dict[str, object] | None = None,
+    redis_url: str | None = None,
+    limiter_mode: str | None = None,
 ) -> dict[str, object]:
     """The gateway every row runs: one route needing `execute:read_file` (granted through
-    the fake tower's `tools:execute` scope), long cache TTL, no limits unless asked."""
-    return {
+    the fake tower's `tools:execute` scope), long cache TTL, no limits unless asked. With
+    `redis_url`, shared through Redis, the rate limits in `limiter_mode` (exact or batched)."""
+    shared: dict[str, object] = {}
+    if redis_url is not None:
+        shared = {
+            "redis": {"url": redis_url},
+            "rate_limit": {
+                "default_per_minute": per_minute,
+                "backend": "redis",
+                "mode": limiter_mode or "exact",
+            },
+        }
+    config: dict[str, object] = {
         "server": {"host": HOST, "port": port, "shutdown_timeout": 2},
         "ops": {"host": HOST, "port": ops_port},
         "tower": {"url": tower_url, "timeout": 5.0},
@@ -535,6 +553,14 @@ def gateway_config(
         ),
         "log": log if log is not None else log_section(None),
     }
+    if shared:
+        config.update(shared)
+        config["cache"] = {
+            "ttl": 3600,
+            "max_entries": max_entries,
+            "fingerprint_secret": secrets.token_hex(32),
+        }
+    return config
 
 
 # --------------------------------------------------------------------------- nginx
@@ -628,9 +654,14 @@ class Proxy:
     proc: subprocess.Popen[bytes]
     url: str
     ops_url: str | None = None
+    # Processes measured with it (decision mode: nginx + the decision listener).
+    others: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def pids(self) -> list[int]:
-        return process_tree(self.proc.pid)
+        pids = process_tree(self.proc.pid)
+        for other in self.others:
+            pids += process_tree(other.pid)
+        return pids
 
 
 class Bench:
@@ -653,6 +684,7 @@ class Bench:
         self.started = time.monotonic()
         self.upstream_url = ""
         self.tower_url = ""
+        self.redis_url = ""
 
     # ------------------------------------------------------------------ infrastructure
 
@@ -675,6 +707,27 @@ class Bench:
         self.upstream_port, self.tower_port = up_port, tower_port
         wait_http(self.upstream_url + "/", upstream, "upstream", self.procs)
         wait_http(self.tower_url + "/", tower, "tower", self.procs)
+
+    def redis(self) -> str:
+        """A redis-server on the load core, started on first use (the Redis rows)."""
+        if self.redis_url:
+            return self.redis_url
+        binary = find_binary("redis-server")
+        if binary is None:
+            raise BenchError("redis-server is not installed (apt-get install redis-server)")
+        port = free_port()
+        argv = [binary, "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no"]
+        argv += ["--dir", str(self.workdir)]
+        proc = self.procs.start("redis", argv, cpu=self.load_cpu, env=self.env)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.2):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError("redis-server did not start: " + self.procs.log_tail("redis"))
+            time.sleep(0.05)
+        self.redis_url = f"redis://{HOST}:{port}/0"
+        return self.redis_url
 
     def tower_count(self) -> dict[str, int]:
         _, body = http_get(self.tower_url + "/count")
@@ -747,6 +800,7 @@ class Bench:
         per_minute: float = 0,
         max_entries: int = 100_000,
         logging_on: bool = False,
+        limiter_mode: str | None = None,
     ) -> Iterator[Proxy]:
         port, ops_port = free_port(), free_port()
         config = gateway_config(
@@ -757,6 +811,8 @@ class Bench:
             per_minute=per_minute,
             max_entries=max_entries,
             log=log_section(self.workdir / name if logging_on else None),
+            redis_url=self.redis() if limiter_mode is not None else None,
+            limiter_mode=limiter_mode,
         )
         path = self.workdir / f"{name}.yaml"
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
@@ -824,6 +880,91 @@ class Bench:
         finally:
             self.procs.stop(proc, sig=signal.SIGQUIT)
 
+    @contextlib.contextmanager
+    def decision_plane(self, nginx_binary: str, cache_ttl: float) -> Iterator[tuple[Proxy, Proxy]]:
+        """The decision listener (decision-only gateway) and nginx from `tower-gateway
+        dataplane nginx`, both on the proxy core: (nginx in front, the listener alone)."""
+        name = f"decision-{cache_ttl:g}"
+        port, ops_port, listen = free_port(), free_port(), free_port()
+        config = gateway_config(self.upstream_url, self.tower_url, port, ops_port)
+        config["server"] = {**config["server"], "enabled": False}  # type: ignore[dict-item]
+        config["decision"] = {"host": HOST, "port": port, "cache_ttl": cache_ttl,
+                              "token": DECISION_TOKEN}  # fmt: skip
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(json.dumps(config, indent=2))
+        argv = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
+        gateway = self.procs.start(name, argv, cpu=self.proxy_cpu, env=self.env)
+        tmp = self.workdir / name
+        tmp.mkdir(exist_ok=True)
+        try:
+            wait_http(f"http://{HOST}:{port}/", gateway, name, self.procs)
+            generated = subprocess.run(
+                [sys.executable, "-m", "gateway", "dataplane", "nginx", "--config", str(path),
+                 "--upstream", self.upstream_url, "--listen", f"{HOST}:{listen}",
+                 "--workers", "1"],
+                env=self.env, capture_output=True, text=True, check=False, timeout=60,
+            )  # fmt: skip
+            if generated.returncode != 0:
+                raise BenchError(f"dataplane nginx failed: {generated.stderr[-500:]}")
+            user = "user root;\n" if os.geteuid() == 0 else ""
+            text = generated.stdout.replace("events {", "events {\n    multi_accept on;", 1)
+            text = text.replace("    access_log off;", "    access_log off;\n"
+                                "    keepalive_requests 1000000;", 1)  # fmt: skip
+            (tmp / "nginx.conf").write_text(user + text)
+            ngx = [nginx_binary, "-e", str(tmp / "error.log"), "-p", str(tmp) + "/",
+                   "-c", "nginx.conf", "-g", "daemon off;"]  # fmt: skip
+            proc = self.procs.start(f"nginx-{name}", ngx, cpu=self.proxy_cpu, env=self.env)
+            try:
+                wait_http(f"http://{HOST}:{listen}/", proc, f"nginx-{name}", self.procs)
+                yield (
+                    Proxy(f"nginx-{name}", proc, f"http://{HOST}:{listen}", others=[gateway]),
+                    Proxy(name, gateway, f"http://{HOST}:{port}"),
+                )
+            finally:
+                self.procs.stop(proc, sig=signal.SIGQUIT)
+        finally:
+            self.procs.stop(gateway)
+
+    def decision_rows(self, nginx_binary: str | None) -> None:
+        """i: nginx + the decision listener deciding every request; i-cache: nginx caching
+        allows for 5 s (cache_ttl: 5); j: wrk straight at the listener's /auth."""
+        wanted = {"i", "i-cache", "j"}
+        if self.args.rows and not wanted & set(self.args.rows):
+            return
+        if nginx_binary is None:
+            for rid in sorted(wanted):
+                self.rows[rid] = Row(rid, "decision mode", auth=True, error="nginx not available")
+            return
+        try:
+            with self.decision_plane(nginx_binary, 0) as (front, alone):
+                self.run_row(
+                    Row("i", "nginx + decision listener, every request decided", auth=True,
+                        hit_ratio_source="tower"),
+                    lambda r: self.measure(r, front.url, "cached.lua", [CACHED_KEY], proxy=front),
+                )  # fmt: skip
+                self.run_row(
+                    Row("j", "decision listener alone (wrk at /auth)", auth=True,
+                        hit_ratio_source="tower"),
+                    lambda r: self.measure(
+                        r, alone.url, "decision.lua", [CACHED_KEY, DECISION_TOKEN], proxy=alone,
+                        sanity_headers={"X-Original-Method": "GET", "X-Original-URI": "/",
+                                        "X-Tower-Gateway-Decision-Token": DECISION_TOKEN},
+                        sanity_path="/auth",
+                    ),
+                )  # fmt: skip
+            with self.decision_plane(nginx_binary, 5) as (front, _):
+                self.run_row(
+                    Row("i-cache", "nginx + decision listener, cache_ttl: 5", auth=True,
+                        hit_ratio_source="tower"),
+                    lambda r: self.measure(r, front.url, "cached.lua", [CACHED_KEY], proxy=front),
+                )  # fmt: skip
+        except BenchError as exc:
+            say(f"decision mode failed: {exc}")
+            for rid in sorted(wanted):
+                self.rows.setdefault(
+                    rid, Row(rid, "decision mode", auth=True, error=str(exc).splitlines()[0])
+                )
+
     # ------------------------------------------------------------------ one row
 
     def measure(
@@ -835,10 +976,15 @@ class Bench:
         *,
         proxy: Proxy | None = None,
         warm_key: str = CACHED_KEY,
+        sanity_headers: dict[str, str] | None = None,
+        sanity_path: str = "/",
     ) -> Row:
         """Warm up (cached rows on their own key, so the row is all hits; cold and Zipf rows
         on a key they never send), then one measured wrk run with counters around it."""
-        self.warm_up(url, warm_key, f"row {row.id}")
+        self.warm_up(
+            url, warm_key, f"row {row.id}", headers=sanity_headers, path=sanity_path,
+            script=script, script_args=script_args,
+        )  # fmt: skip
         if self.args.settle > 0:
             row.settle_s = round(self.cpu.wait_quiet(self.args.quiet_below, self.args.settle), 1)
         pids = proxy.pids() if proxy is not None else []
@@ -905,12 +1051,25 @@ class Bench:
             )
         return row
 
-    def warm_up(self, url: str, key: str, what: str) -> None:
+    def warm_up(
+        self,
+        url: str,
+        key: str,
+        what: str,
+        *,
+        headers: dict[str, str] | None = None,
+        path: str = "/",
+        script: str = "cached.lua",
+        script_args: Sequence[object] = (),
+    ) -> None:
         """One sanity request (fails loudly on anything but 200), then --warmup seconds of
         load on `key`: pools open and the cache holds the key before anything is measured."""
-        status, body = http_get(url + "/", headers={"X-API-Key": key})
+        status, body = http_get(url + path, headers={"X-API-Key": key, **(headers or {})})
         if status != 200:
             raise BenchError(f"{what}: sanity request answered {status}: {body[:200]!r}")
+        if script == "decision.lua":
+            self.wrk(url, script, [key, *list(script_args)[1:]], duration=self.args.warmup)
+            return
         self.wrk(url, "cached.lua", [key], duration=self.args.warmup)
 
     def run_row(self, row: Row, fn: Callable[[Row], Row]) -> None:
@@ -969,6 +1128,27 @@ class Bench:
             ),
             limited,
         )
+
+        def shared_limits(mode: str) -> Callable[[Row], Row]:
+            # The same limit no key reaches, shared through a redis-server on the load core.
+            def row(r: Row) -> Row:
+                with self.gateway(
+                    f"gateway-rl-{mode}", per_minute=1_000_000, limiter_mode=mode
+                ) as gw:
+                    return self.measure(r, gw.url, "cached.lua", [CACHED_KEY], proxy=gw)
+
+            return row
+
+        for row_id, mode in (("b-rl-redis", "exact"), ("b-rl-batched", "batched")):
+            self.run_row(
+                Row(
+                    row_id,
+                    f"gateway, cached key, rate limit on (redis, {mode})",
+                    auth=True,
+                    hit_ratio_source="metrics",
+                ),
+                shared_limits(mode),
+            )
 
         def logged(r: Row) -> Row:
             with self.gateway("gateway-log", logging_on=True) as gw:
@@ -1096,6 +1276,8 @@ class Bench:
                     self.rows.setdefault(
                         rid, Row(rid, "nginx", auth=rid == "h", error=str(exc).splitlines()[0])
                     )
+
+        self.decision_rows(nginx)
 
         rows = set(self.args.rows or ())
         if self.args.pairs and (not rows or {"b", "f", PAIR_ROW} & rows):
@@ -1598,6 +1780,8 @@ def _short_label(row: Row) -> str:
         "b": "gateway\ncached",
         "b-log": "gateway\n+logging",
         "b-rl": "gateway\n+rate limit",
+        "b-rl-redis": "gateway\n+redis limit",
+        "b-rl-batched": "gateway\n+batched limit",
         "c": "gateway\n2 workers",
         "d": "gateway\ncold keys",
         "e": "gateway\nZipf 10k",
@@ -1660,7 +1844,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(BENCH_DIR / "results"), help="results folder")
     parser.add_argument(
         "--rows",
-        help="only these rows, comma-separated (a,b,b-rl,b-log,c,d,e,e-warm,f,g,h); "
+        help="only these rows, comma-separated (a,b,b-rl,b-rl-redis,b-rl-batched,b-log,c,d,e,"
+        "e-warm,f,g,h,i,i-cache,j); "
         f"{PAIR_ROW!r} = the interleaved gateway/bare pairs, which also run with b or f",
     )
     parser.add_argument(

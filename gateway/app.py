@@ -25,20 +25,24 @@ from gateway.auth.components import Components, build_components
 from gateway.auth.decide import DecisionEngine
 from gateway.auth.fingerprint import Fingerprinter, derive_secret
 from gateway.auth.identity import CacheStats, IdentityResolver
-from gateway.auth.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from gateway.auth.ratelimit import MemoryRateLimiter, RateLimiter
+from gateway.auth.ratelimit_batched import BatchedRateLimiter
+from gateway.auth.ratelimit_exact import RedisRateLimiter
 from gateway.auth.tokens import SigningKey, TokenMinter, load_signing_key, private_material
 from gateway.config import Config
 from gateway.http.server import ANSWER, TIMEOUTS, Timeouts, listener_app
 from gateway.ops.accesslog import AccessLog
 from gateway.ops.audit import AuditLog
 from gateway.ops.explain import Explainer
+from gateway.ops.keys_api import local_store
 from gateway.ops.listener import create_ops_app
 from gateway.ops.metrics import Metrics
 from gateway.ops.parts import OpsParts, Readiness
 from gateway.ops.reload import Reloader
 from gateway.proxy.forwarder import Forwarder
 from gateway.proxy.listener import ProxyListener, http_log
-from gateway.replicas.connection import redis_client
+from gateway.replicas.connection import op_timeout, redis_client
+from gateway.replicas.pool import PoolCollector
 from gateway.replicas.revoker import Revoker
 from gateway.replicas.shared import LOCK_MARGIN, Replicas
 from gateway.tower import Tower
@@ -114,6 +118,7 @@ class Gateway:
         self._redis: redis.asyncio.Redis | None = None
         if config.redis.url:
             self.redis_ok = self._redis_ok  # only with Redis: readiness then reports it
+            self.registry.register(PoolCollector(lambda: self._redis))
         self.sockets = SocketRegistry(self.metrics, drain_timeout=config.server.shutdown_timeout)
         self.revoker = Revoker(resolver=self.resolver, minter=self.minter, sockets=self.sockets)
         self.engine = DecisionEngine(
@@ -253,7 +258,11 @@ class Gateway:
             yield
             return
         tower = self.config.tower
-        self._redis = redis_client(self.config.redis.url)
+        self._redis = redis_client(
+            self.config.redis.url,
+            max_connections=self.config.redis.max_connections,
+            pool_timeout=self.config.redis.pool_timeout,
+        )
         self.replicas = Replicas(
             self._redis,
             prefix=self.config.redis.key_prefix,
@@ -280,13 +289,28 @@ class Gateway:
     async def _limiter_ctx(self, _app: web.Application) -> AsyncIterator[None]:
         settings = self.config.rate_limit
         limiter: RateLimiter
-        if settings.backend == "redis" and self._redis is not None:
+        on_error = self.metrics.redis_errors.labels
+        if settings.backend == "redis" and self._redis is not None and settings.mode == "batched":
+            batched = BatchedRateLimiter(
+                self._redis,
+                prefix=self.config.redis.key_prefix,
+                burst=settings.burst,
+                sync_interval=settings.sync_interval,
+                on_fallback=self.metrics.rate_limit_fallbacks.inc,
+                on_error=lambda op: on_error(op).inc(),
+                timeout=op_timeout(self._redis),
+            )
+            batched.start()  # the first settle tells it how many processes share
+            limiter = batched
+        elif settings.backend == "redis" and self._redis is not None:
             limiter = RedisRateLimiter(
                 self._redis,
                 prefix=self.config.redis.key_prefix,
                 burst=settings.burst,
                 fallback=MemoryRateLimiter(burst=settings.burst),
                 on_fallback=self.metrics.rate_limit_fallbacks.inc,
+                on_error=lambda op: on_error(op).inc(),
+                timeout=op_timeout(self._redis),
             )
         else:
             limiter = MemoryRateLimiter(burst=settings.burst)
@@ -360,6 +384,7 @@ class Gateway:
                 explainer=Explainer(self.engine),
                 config=self._current_config,
                 admin=self.config.admin,
+                key_store=local_store(self.tower),
             )
         )
         return listener_app(ops, self.config.server)

@@ -7,6 +7,8 @@ Tests that use these fixtures get the `redis` marker, so `-m "not redis"` leaves
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -148,6 +150,24 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[redis.asyncio
         yield client
     finally:
         await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[str]:
+    """The URL of a "Redis" on loopback that accepts connections and never answers."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

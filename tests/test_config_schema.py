@@ -69,7 +69,8 @@ def test_every_section_and_key_is_in_the_schema() -> None:
     assert schema["additionalProperties"] is False
     route = schema["$defs"]["RouteConfig"]
     assert set(route["properties"]) == {f.name for f in fields(cfg.RouteConfig)}
-    assert route["required"] == ["path", "upstream"]
+    assert route["required"] == ["path"]  # and `upstream` unless decision-only (below)
+    assert schema["else"]["properties"]["routes"]["items"]["required"] == ["upstream"]
     assert schema["$defs"]["LocalTowerConfig"]["required"] == ["db"]
     assert all(
         d.get("additionalProperties") is False for n, d in schema["$defs"].items() if n != "env_ref"
@@ -102,6 +103,8 @@ REFUSED: list[dict[str, Any]] = [
     {"redis": {"url": "http://127.0.0.1:6379"}},
     {"websocket": {"auth_timeout": True}},
     {"capabilities": {"keep_scopes": "yes"}},
+    {"server": {"enabled": False}},
+    {"server": {"enabled": False}, "decision": {"token": "short"}},
 ]
 
 
@@ -123,6 +126,7 @@ ACCEPTED: list[dict[str, Any]] = [
     {"routes": [{"path": "/api", "upstream": "http://[::1]:9000/base", "methods": ["GET"]}]},
     {"server": {"trusted_proxies": ["10.0.0.0/8", "::1"]}},
     {"tower": {"local": {"db": "x.db"}}},
+    {"server": {"enabled": False}, "decision": {"cache_ttl": 5}, "routes": [{"path": "/"}]},
 ]
 
 
@@ -147,7 +151,7 @@ def test_enums_agree_with_their_checks() -> None:
             check = f.metadata["check"]
             assert all(check(v) is None for v in plain["enum"])
             assert check("not-one-of-them") is not None
-    assert seen == 3
+    assert seen == 4  # jwt.algorithm, rate_limit.backend and .mode, log.level
 
 
 def test_a_check_without_a_schema_rule_stops_the_generator() -> None:

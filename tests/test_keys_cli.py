@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,6 +132,42 @@ def test_revoke_and_rotate(
     assert run("keys", "list", "--config", str(config)) == 0
     table = capsys.readouterr().out
     assert "revoked" in table and "rotated" in table
+
+
+def test_show_and_update_change_the_key_in_place(
+    capsys: pytest.CaptureFixture[str], config: Path, store: KeyStore
+) -> None:
+    key, key_id = _create(capsys, config, "--role", "operator", "--rate-limit", "5")
+    argv = ["keys", "update", "--config", str(config), key_id]
+    changes = ["--role", "admin", "--scope", "a", "--scope", "b", "--team", "red"]
+    assert run(*argv, *changes, "--expires-in-days", "5") == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"updated {key_id}: expires_at, role, scopes, team")
+    assert "cache entry expires" in captured.err and key not in captured.out
+    answer = store.lookup(key)
+    assert (answer["role"], answer["scopes"]) == ("admin", ["a", "b"])
+    assert answer["metadata"] == {"rate_limit": 5, "team": "red"}
+    assert abs(answer["expires_at"] - (time.time() + 5 * 86400)) < 60
+
+    assert run(*argv, "--never-expires", "--rate-limit", "0", "--team", "") == 0
+    capsys.readouterr()
+    answer = store.lookup(key)
+    assert answer["expires_at"] is None and answer["metadata"] == {}
+
+    assert run("keys", "show", "--config", str(config), key_id, "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["record"]["role"] == "admin" and shown["record"]["status"] == "active"
+    assert shown["usage"]["statuses"] is None and key[12:] not in json.dumps(shown)
+    assert run("keys", "show", "--config", str(config), key_id) == 0
+    assert "status:     active" in capsys.readouterr().out
+
+    assert run(*argv) == 1
+    assert capsys.readouterr().err.startswith("error: nothing to change")
+    assert run("keys", "revoke", "--config", str(config), key_id) == 0
+    capsys.readouterr()
+    assert run(*argv, "--role", "operator") == 1
+    assert "revoked and cannot be changed" in capsys.readouterr().err
+    assert run("keys", "show", "--config", str(config), "key_0000000000000000") == 1
 
 
 def test_rotate_without_grace_refuses_the_old_key(

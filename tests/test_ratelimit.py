@@ -17,10 +17,10 @@ from gateway.auth.ratelimit import (
     MIN_PER_MINUTE,
     Decision,
     MemoryRateLimiter,
-    RedisRateLimiter,
     effective_limit,
 )
-from tests.redis_support import RedisServer
+from gateway.auth.ratelimit_exact import RedisRateLimiter
+from tests.redis_support import RedisServer, silent_server
 
 PREFIX = "test-gw:"
 
@@ -351,29 +351,19 @@ async def test_redis_outage_falls_back_to_memory_and_recovers(
 
 
 async def test_redis_that_does_not_answer_times_out_into_the_fallback() -> None:
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = _client(f"redis://127.0.0.1:{port}/0")
-    fallbacks = Counter()
-    try:
-        limiter = _limiter(client, on_fallback=fallbacks, timeout=0.1)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        decision = await limiter.hit("fp-slow", 6)
-        assert loop.time() - started < 0.5
-        assert decision.allowed
-        assert fallbacks.count == 1
-    finally:
-        await client.aclose()
-        for writer in accepted:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+    async with silent_server() as url:
+        client = _client(url)
+        fallbacks = Counter()
+        try:
+            limiter = _limiter(client, on_fallback=fallbacks, timeout=0.1)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            decision = await limiter.hit("fp-slow", 6)
+            assert loop.time() - started < 0.5
+            assert decision.allowed
+            assert fallbacks.count == 1
+        finally:
+            await client.aclose()
 
 
 async def test_failing_fallback_hook_does_not_fail_the_request(

@@ -1,6 +1,7 @@
 """The README's shell examples, run as a new user would: a README that stops working fails CI.
 
-Every ```sh block of "Quick start", "Commands" and "The embedded tower and its keys" runs
+Every ```sh block of "Quick start", "Commands", "The embedded tower and its keys" and
+"Managing keys" runs
 with `sh`, in a copy of the checkout (no databases, no virtualenv: a fresh clone) and an
 empty environment (PATH, HOME, TMPDIR and LANG only), bounded in time; long-running
 commands are started in a session of their own and stopped through their PID.
@@ -283,3 +284,48 @@ def test_embedded_tower_serve_example(
     tower.read_until(rf"^tower listening on http://127\.0\.0\.1:{port}")
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
     assert tower.stop(signal.SIGTERM) == 0
+
+
+def test_managing_keys_example(
+    checkout: Path, env: dict[str, str], background: list[Background]
+) -> None:
+    [script] = sh_blocks("Managing keys")
+    assert "OPS=http://127.0.0.1:9091\n" in script
+    port, ops = free_port(), free_port()
+    serving = {
+        **env,
+        "GATEWAY_JWT_SECRET": "readme-jwt-secret-" + "j" * 32,
+        "GATEWAY_ADMIN_TOKEN": "readme-admin-token-0123456789",
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_OPS_PORT": str(ops),
+    }
+    gateway = Background("tower-gateway serve --config gateway.yaml", checkout, serving)
+    background.append(gateway)
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{ops}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while not up():
+        assert gateway.proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+        time.sleep(0.1)
+    done = run_sh(script.replace(":9091", f":{ops}"), checkout, serving)
+    assert done.returncode == 0, done.stdout + done.stderr
+    key = done.stderr.strip()
+    assert re.fullmatch(r"tk_test_\w+", key), done.stderr
+    assert key not in done.stdout  # shown once, where the script put it
+    # The proxy knows the old key only inside its grace, which the revocation ended.
+    refused = httpx.get(f"http://127.0.0.1:{port}/", headers={"X-API-Key": key}, timeout=10)
+    assert refused.status_code == 401
+    listed = keys(checkout, env)
+    assert [(k["user_id"], k["state"], k["revoke_reason"]) for k in listed] == [
+        ("alice", "revoked", "rotated early"),
+        ("alice", "active", None),
+    ]
+    # The new key has the extended expiry; the old one's was cut to its grace end.
+    assert listed[1]["expires_at"] > time.time() + 179 * 86400
+    assert listed[0]["expires_at"] < time.time() + 25 * 3600
+    assert gateway.stop(signal.SIGTERM) == 0

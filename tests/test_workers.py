@@ -566,6 +566,57 @@ async def test_a_hung_worker_is_killed_and_replaced(
     assert code == 0
 
 
+async def test_key_changes_happen_once_and_reach_every_worker(
+    start_group: StartGroup, tmp_path: Path
+) -> None:
+    group = await start_group(tower={"local": {"db": str(tmp_path / "keys.db")}})
+    status, created = await group.ops_json(
+        "POST", "/admin/keys", json={"user_id": "wendy", "role": "operator"}, headers=ADMIN
+    )
+    assert status == 201, created
+    key, key_id = created["key"], created["record"]["key_id"]
+    status, listing = await group.ops_json("GET", "/admin/keys", headers=ADMIN)
+    assert status == 200 and [k["key_id"] for k in listing["keys"]] == [key_id]  # one, not two
+
+    async def both_cached() -> bool:
+        await group.get("/c", headers={"X-API-Key": key})
+        _, stats = await group.ops_json("GET", "/admin/cache", headers=ADMIN)
+        return all(w["valid_cached_keys"] == 1 for w in stats["workers"])
+
+    await until(both_cached, 15, "the key cached in both workers")
+    status, revoked = await group.ops_json(
+        "POST", f"/admin/keys/{key_id}/revoke", json={}, headers=ADMIN
+    )
+    assert status == 200, revoked
+    assert revoked["record"]["status"] == "revoked"
+    assert revoked["workers"] == 2 and revoked["workers_missing"] == []
+    assert revoked["dropped_entries"] == 2
+    _, stats = await group.ops_json("GET", "/admin/cache", headers=ADMIN)
+    assert [w["valid_cached_keys"] for w in stats["workers"]] == [0, 0]
+    for _ in range(10):  # fresh connections: both workers answer
+        status, body = await group.get("/c", headers={"X-API-Key": key})
+        assert status == 401, body
+
+    status, rotated = await group.ops_json(
+        "POST", f"/admin/keys/{key_id}/rotate", json={}, headers=ADMIN
+    )
+    assert status == 409 and rotated["error"] == "conflict"
+    status, other = await group.ops_json(
+        "POST", "/admin/keys", json={"user_id": "vic", "role": "operator"}, headers=ADMIN
+    )
+    status, rotated = await group.ops_json(
+        "POST", f"/admin/keys/{other['record']['key_id']}/rotate", json={}, headers=ADMIN
+    )
+    assert status == 201 and rotated["workers"] == 2 and rotated["key"] != other["key"]
+    _, listing = await group.ops_json("GET", "/admin/keys", headers=ADMIN)
+    assert listing["total"] == 3  # each change made once
+
+    # The page is served by the supervisor itself, with its policy.
+    async with group.session.get(group.ops + "/admin/ui") as response:
+        assert response.status == 200 and response.content_type == "text/html"
+        assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+
+
 # --------------------------------------------------------------------------- pure helpers
 
 

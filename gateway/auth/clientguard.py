@@ -66,18 +66,7 @@ def _host_ok(host: str) -> bool:
 
 def check_request(request: web.BaseRequest) -> None:
     """Refuses a method or framing the gateway does not forward; raises a `GatewayError`."""
-    method = request.method
-    if method in REFUSED_METHODS:
-        raise MethodNotAllowed(
-            f"{method} is not supported by this gateway", headers={hdrs.ALLOW: ALLOW}, close=True
-        )
-    if method not in COMMON_METHODS and _METHOD.fullmatch(method) is None:
-        # The detail does not quote the method: it is client input of any length.
-        raise BadRequest(
-            f"the method must be an upper-case token of at most {MAX_METHOD_LENGTH} characters",
-            reason="bad_method",
-            close=True,
-        )
+    check_method(request.method)
     version = request.version
     if version not in (HttpVersion10, HttpVersion11):
         raise BadRequest("only HTTP/1.0 and HTTP/1.1 requests are accepted", close=True)
@@ -99,6 +88,22 @@ def check_request(request: web.BaseRequest) -> None:
     if expect is not None and version == HttpVersion11 and expect.lower() != "100-continue":
         # RFC 9110 10.1.1; the detail does not quote the header (client input).
         raise ExpectationFailed("the only expectation supported is 100-continue", close=True)
+
+
+def check_method(method: str) -> None:
+    """Refuses TRACE, TRACK and CONNECT (405) and a method that is not a token (400); also
+    what decision mode applies to the original request's method."""
+    if method in REFUSED_METHODS:
+        raise MethodNotAllowed(
+            f"{method} is not supported by this gateway", headers={hdrs.ALLOW: ALLOW}, close=True
+        )
+    if method not in COMMON_METHODS and _METHOD.fullmatch(method) is None:
+        # The detail does not quote the method: it is client input of any length.
+        raise BadRequest(
+            f"the method must be an upper-case token of at most {MAX_METHOD_LENGTH} characters",
+            reason="bad_method",
+            close=True,
+        )
 
 
 def key_shape_ok(key: str, key_format: KeyFormatConfig | None) -> bool:

@@ -19,12 +19,14 @@ then proceeds at the steady rate; `rate_limit.burst` sets one burst for every ke
 
 With the Redis backend, a Redis that is down or slow never fails a request: the decision is made
 by a local in-memory limiter (each replica then enforces the limit on its own), `on_fallback` is
-called for every such decision, and Redis is tried again after a short back-off.
+called for every such decision, and Redis is tried again after a short back-off. In "exact"
+mode (`ratelimit_exact.RedisRateLimiter`) every decision is Redis's, the decisions of one
+event-loop tick in one round trip; in "batched" mode (`ratelimit_batched`) each process decides
+on its share of the bucket and settles with Redis every `rate_limit.sync_interval`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -32,8 +34,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
-
-import redis.asyncio
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +167,7 @@ class MemoryRateLimiter:
     def decide(self, bucket: str, per_minute: float) -> Decision:
         """The synchronous core of `hit`; it never awaits, so asyncio needs no lock around it."""
         interval, burst = _plan(per_minute, self._burst)
-        now = self._clock()
-        tat = self._tats.pop(bucket, now)
-        new_tat, decision = _gcra(tat, now, interval, burst)
-        stored = new_tat if new_tat is not None else tat
-        if stored > now:
-            self._tats[bucket] = stored
-        self._evict(now)
-        return decision
+        return decide_in(self._tats, bucket, self._clock(), interval, burst, self._max_buckets)
 
     def peek_now(self, bucket: str, per_minute: float) -> Decision:
         interval, burst = _plan(per_minute, self._burst)
@@ -202,147 +195,46 @@ class MemoryRateLimiter:
     async def close(self) -> None:
         self._tats.clear()
 
-    def _evict(self, now: float) -> None:
-        # The oldest entries are the likeliest to have refilled; dropping those loses nothing.
-        # Checking at most two per call keeps each decision O(1).
-        for _ in range(2):
-            if not self._tats:
-                return
-            bucket, tat = next(iter(self._tats.items()))
-            if tat > now:
-                break
-            del self._tats[bucket]
-        while len(self._tats) > self._max_buckets:
-            self._tats.popitem(last=False)
+
+def decide_in(
+    tats: OrderedDict[str, float],
+    bucket: str,
+    now: float,
+    interval: float,
+    burst: int,
+    max_buckets: int,
+) -> Decision:
+    """One GCRA step on a bucket of an LRU map of arrival times (a missing bucket is full)."""
+    tat = tats.pop(bucket, now)
+    new_tat, decision = _gcra(tat, now, interval, burst)
+    stored = new_tat if new_tat is not None else tat
+    if stored > now:
+        tats[bucket] = stored
+    evict_refilled(tats, now, max_buckets)
+    return decision
 
 
-# KEYS[1]: the bucket; ARGV[1]: emission interval in microseconds; ARGV[2]: burst;
-# ARGV[3], when given: only say what a request would get, and count nothing (explain).
-# Times are whole microseconds so every value is an exact integer in Lua's doubles, and Redis
-# (which truncates Lua numbers in replies) returns them unchanged.
-_GCRA_LUA: Final = """
--- Before Redis 5 a script that reads TIME must ask for effect replication to write afterwards.
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now) or now
-if tat < now then tat = now end
--- No request leaves a bucket emptier than burst intervals from now: a later time was written by
--- someone else (with no expiry, it would block the key for ever). Read as empty, and written
--- back with an expiry.
-if tat > now + interval * burst then
-  tat = now + interval * burst
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX',
-             math.max(1, math.ceil((tat - now) / 1000)))
-end
-local new_tat = tat + interval
-local allow_at = new_tat - interval * burst
-if now < allow_at then
-  return {0, 0, tat - now, allow_at - now}
-end
-if ARGV[3] then
-  return {1, math.floor((now - allow_at) / interval), new_tat - now, 0}
-end
--- The key lives exactly until the bucket is full again, when it would equal a missing key.
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
-           math.max(1, math.ceil((new_tat - now) / 1000)))
-return {1, math.floor((now - allow_at) / interval), new_tat - now, 0}
-"""
-
-
-class RedisRateLimiter:
-    """GCRA shared by every replica: one atomic Lua script per decision on Redis.
-
-    The script reads the clock with Redis `TIME`, not the caller's clock, so replicas whose
-    clocks disagree still share one timeline per bucket. The client belongs to the caller and
-    should have short socket timeouts; `close()` leaves it open.
-    """
-
-    def __init__(
-        self,
-        client: redis.asyncio.Redis,
-        *,
-        prefix: str,
-        burst: int | None = None,
-        fallback: MemoryRateLimiter,
-        on_fallback: Callable[[], None] | None = None,
-        timeout: float = 0.25,
-        retry_interval: float = DEFAULT_RETRY_INTERVAL,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._client = client
-        self._prefix = prefix + "rl:"
-        self._burst = burst
-        self._fallback = fallback
-        self._on_fallback = on_fallback
-        self._timeout = timeout
-        self._retry_interval = retry_interval
-        self._clock = clock
-        self._script = client.register_script(_GCRA_LUA)
-        self._skip_until = -math.inf
-        self._degraded = False
-
-    @property
-    def degraded(self) -> bool:
-        """True while decisions come from the local fallback."""
-        return self._degraded
-
-    async def hit(self, bucket: str, per_minute: float) -> Decision:
-        interval, burst = _plan(per_minute, self._burst)
-        if self._clock() >= self._skip_until:
-            try:
-                decision = await self._redis_hit(bucket, interval, burst)
-            except Exception as exc:  # any failure means "ask the local limiter", never a 500
-                self._skip_until = self._clock() + self._retry_interval
-                if not self._degraded:
-                    self._degraded = True
-                    log.warning(
-                        "redis rate limiter unavailable (%s), using per-process limits",
-                        type(exc).__name__,
-                    )
-            else:
-                if self._degraded:
-                    self._degraded = False
-                    log.info("redis rate limiter available again")
-                return decision
-        self._notify_fallback()
-        log.debug("rate limit decided locally for bucket %s", bucket)
-        return self._fallback.decide(bucket, per_minute)
-
-    async def peek(self, bucket: str, per_minute: float) -> Decision:
-        interval, burst = _plan(per_minute, self._burst)
-        if self._clock() >= self._skip_until:
-            try:
-                return await self._redis_hit(bucket, interval, burst, peek=True)
-            except Exception:  # reported by the next `hit`; a peek changes nothing
-                log.debug("rate limit peeked locally for bucket %s", bucket)
-        return self._fallback.peek_now(bucket, per_minute)
-
-    async def close(self) -> None:
-        await self._fallback.close()
-
-    async def _redis_hit(
-        self, bucket: str, interval: float, burst: int, *, peek: bool = False
-    ) -> Decision:
-        interval_us = max(1, round(interval * _US_PER_S))
-        args = [interval_us, burst, 1] if peek else [interval_us, burst]
-        async with asyncio.timeout(self._timeout):
-            reply = await self._script(keys=[self._prefix + bucket], args=args)
-        allowed, remaining, reset_us, retry_us = (int(v) for v in reply)
-        return Decision(
-            allowed=allowed == 1,
-            limit=burst,
-            remaining=max(0, min(remaining, burst - 1)),
-            reset_after=reset_us / _US_PER_S,
-            retry_after=retry_us / _US_PER_S,
-        )
-
-    def _notify_fallback(self) -> None:
-        if self._on_fallback is None:
+def evict_refilled(tats: OrderedDict[str, float], now: float, max_buckets: int) -> None:
+    """Drops buckets of an LRU map of arrival times that have refilled, and the least recently
+    used beyond `max_buckets`."""
+    # The oldest entries are the likeliest to have refilled; dropping those loses nothing.
+    # Checking at most two per call keeps each decision O(1).
+    for _ in range(2):
+        if not tats:
             return
-        try:
-            self._on_fallback()
-        except Exception:  # a broken metrics hook must not turn into a failed request
-            log.exception("rate limiter on_fallback hook failed")
+        bucket, tat = next(iter(tats.items()))
+        if tat > now:
+            break
+        del tats[bucket]
+    while len(tats) > max_buckets:
+        tats.popitem(last=False)
+
+
+def call_hook(hook: Callable[[], None] | None) -> None:
+    """Calls a metrics hook; a broken one must not turn into a failed request."""
+    if hook is None:
+        return
+    try:
+        hook()
+    except Exception:
+        log.exception("rate limiter hook failed")

@@ -105,6 +105,9 @@ def report(answer: dict[str, Any]) -> str:
             row("team", identity["team"])
         row("scopes", ", ".join(identity["scopes"]) or "none")
         row("expires", _when(identity.get("expires_at")))
+    mode = answer.get("decision_mode")
+    if mode:
+        row("decision", f"{mode['status']} on {mode['listener']}, {mode['cache_control']}")
     if answer.get("capabilities") is not None:
         row("capabilities", ", ".join(answer["capabilities"]) or "none")
     if answer.get("missing_capability"):

@@ -1,7 +1,9 @@
-"""The `keys create|list|revoke|rotate` and `tower serve` commands of the embedded tower.
+"""The `keys create|list|show|update|revoke|rotate` and `tower serve` commands.
 
 Exit codes: 0 done, 1 the key store refused the request, 2 a configuration problem.
-A raw key is printed once, on the last line of `create` and `rotate` output.
+A raw key is printed once, on the last line of `create` and `rotate` output. The
+commands run the same operations as the admin API (`gateway.tower.keys_ops`) on the
+store file; unlike the API they cannot reach running gateways' caches.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from aiohttp import web
 
 from gateway.config import Config, LocalTowerConfig, default_config_path, load_sections
 from gateway.errors import ConfigError
+from gateway.tower import keys_ops
 from gateway.tower.local import resolve_hash_secret
 from gateway.tower.records import KeyRecord, StoreError
 from gateway.tower.server import create_tower_app
@@ -114,17 +117,20 @@ def _print_new_key(record: KeyRecord, raw_key: str, intro: Sequence[str] = ()) -
 
 def _create(args: argparse.Namespace) -> int:
     cfg, local = _load(args)
+    new = keys_ops.parse_create(
+        {
+            "user_id": args.user_id,
+            "role": args.role,
+            "scopes": args.scope,
+            "expires_in_days": args.expires_in_days,
+            "env": args.env,
+            "rate_limit": args.rate_limit,
+            "team": args.team,
+        }
+    )
     store = _open_store(local)
     try:
-        raw, record = store.create(
-            args.user_id,
-            args.role,
-            scopes=args.scope,
-            expires_in_days=args.expires_in_days,
-            env=args.env,
-            rate_limit=args.rate_limit,
-            team=args.team,
-        )
+        raw, record = keys_ops.create_key(store, new)
     finally:
         store.close()
     if args.role not in cfg.roles:
@@ -173,13 +179,72 @@ def _revoke(args: argparse.Namespace) -> int:
     _, local = _load(args)
     store = _open_store(local)
     try:
-        record = store.revoke(args.key_id, reason=args.reason)
+        record = keys_ops.revoke_key(store, args.key_id, args.reason)
     finally:
         store.close()
     print(
         f"revoked {record.key_id} ({record.display_prefix}, user {record.user_id}) "
         f"at {_when(record.revoked_at)}: {record.revoke_reason}"
     )
+    _cache_note()
+    return 0
+
+
+def _cache_note() -> None:
+    print(
+        "note: running gateways may accept the key as it was until their cache entry "
+        "expires; the admin API (/admin/keys) applies a change at once",
+        file=sys.stderr,
+    )
+
+
+def _show(args: argparse.Namespace) -> int:
+    _, local = _load(args)
+    store = _open_store(local)
+    try:
+        record = store.get(args.key_id)
+    finally:
+        store.close()
+    if args.json:
+        view = {"record": keys_ops.key_json(record), "usage": keys_ops.usage_json(record)}
+        print(json.dumps(view, indent=2))
+        return 0
+    extra = [
+        ("status", keys_ops.status(record)),
+        ("created", _when(record.created_at)),
+        ("last_used", _when(record.last_used_at)),
+        ("requests", str(record.use_count)),
+    ]
+    for line in [*_describe(record), *(f"{name + ':':<12}{value}" for name, value in extra)]:
+        print(line)
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    _, local = _load(args)
+    body: dict[str, object] = {}
+    if args.role is not None:
+        body["role"] = args.role
+    if args.scope is not None:
+        body["scopes"] = args.scope
+    if args.never_expires:
+        body["expires_at"] = None
+    elif args.expires_in_days is not None:
+        body["expires_in_days"] = args.expires_in_days
+    if args.rate_limit is not None:
+        body["rate_limit"] = args.rate_limit or None  # 0: back to the default
+    if args.team is not None:
+        body["team"] = args.team or None  # "": no team
+    changes = keys_ops.parse_update(body)
+    store = _open_store(local)
+    try:
+        record = keys_ops.update_key(store, args.key_id, changes)
+    finally:
+        store.close()
+    print(f"updated {record.key_id}: {', '.join(sorted(changes))}")
+    for line in _describe(record):
+        print(line)
+    _cache_note()
     return 0
 
 
@@ -187,8 +252,7 @@ def _rotate(args: argparse.Namespace) -> int:
     _, local = _load(args)
     store = _open_store(local)
     try:
-        raw, record = store.rotate(args.key_id, grace_hours=args.grace_hours)
-        old = store.get(args.key_id)
+        raw, record, old = keys_ops.rotate_key(store, args.key_id, args.grace_hours)
     finally:
         store.close()
     intro = [f"rotated {old.key_id}: it stays valid until {_when(old.expires_at)}", "new key:"]
@@ -256,7 +320,7 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `keys create|list|revoke|rotate` and `tower serve` to a command line."""
+    """Add `keys create|list|show|update|revoke|rotate` and `tower serve` to a command line."""
     keys = subparsers.add_parser("keys", help="manage keys in the embedded local tower")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
 
@@ -287,6 +351,34 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _add_config(listing)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(func=_guarded(_list))
+
+    show = keys_sub.add_parser("show", help="one key and its use (never the key itself)")
+    _add_config(show)
+    show.add_argument("key_id", metavar="KEY_ID")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(func=_guarded(_show))
+
+    update = keys_sub.add_parser("update", help="change a key's role, scopes, expiry or limits")
+    _add_config(update)
+    update.add_argument("key_id", metavar="KEY_ID")
+    update.add_argument("--role", default=None, metavar="R")
+    update.add_argument(
+        "--scope",
+        action="append",
+        default=None,
+        metavar="S",
+        help="the key's scopes become exactly these (repeatable)",
+    )
+    expiry = update.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--expires-in-days", type=float, default=None, metavar="N", help="expire N days from now"
+    )
+    expiry.add_argument("--never-expires", action="store_true")
+    update.add_argument(
+        "--rate-limit", type=_number, default=None, metavar="N", help="per minute; 0: the default"
+    )
+    update.add_argument("--team", default=None, metavar="T", help='"": no team')
+    update.set_defaults(func=_guarded(_update))
 
     revoke = keys_sub.add_parser("revoke", help="refuse a key from now on")
     _add_config(revoke)

@@ -169,10 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.cli.explain import register as register_explain
     from gateway.cli.keys import register
     from gateway.config.jsonschema import register as register_config
+    from gateway.decision.dataplane.cli import register as register_dataplane
 
     register(sub)
     register_explain(sub)
     register_config(sub)
+    register_dataplane(sub)
     return parser
 
 

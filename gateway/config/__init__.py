@@ -39,6 +39,7 @@ from gateway.config.schema import (
     CapabilitiesConfig,
     Config,
     CredentialsConfig,
+    DecisionConfig,
     JwtConfig,
     KeyFormatConfig,
     LocalTowerConfig,
@@ -153,9 +154,11 @@ def default_config_path(env: Mapping[str, str] | None = None) -> str:
 
 def summary(cfg: Config) -> str:
     tower = f"local tower {cfg.tower.local.db}" if cfg.tower.local else f"tower {cfg.tower.url}"
+    listen = f"{cfg.server.host}:{cfg.server.port}" if cfg.server.enabled else "off"
+    decision = f", decision {cfg.decision.host}:{cfg.decision.port}" if cfg.decision else ""
     return (
         f"ok: {len(cfg.routes)} route(s), {tower}, jwt {cfg.jwt.algorithm}, "
-        f"listen {cfg.server.host}:{cfg.server.port}, ops {cfg.ops.host}:{cfg.ops.port}, "
+        f"listen {listen}{decision}, ops {cfg.ops.host}:{cfg.ops.port}, "
         f"rate limit {cfg.rate_limit.backend}, redis {'on' if cfg.redis.url else 'off'}"
     )
 
@@ -175,6 +178,7 @@ __all__ = [
     "CapabilitiesConfig",
     "Config",
     "CredentialsConfig",
+    "DecisionConfig",
     "JwtConfig",
     "KeyFormatConfig",
     "LocalTowerConfig",

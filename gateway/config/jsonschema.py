@@ -38,6 +38,7 @@ _BY_CHECK: Final[Mapping[Callable[..., Any], Mapping[str, Any]]] = {
     cfg._non_negative: {"minimum": 0},
     cfg._fraction: {"minimum": 0, "exclusiveMaximum": 1},
     cfg._ratio: {"minimum": 0, "maximum": 1},
+    cfg._pool_size: {"minimum": 2},
     cfg._port: {"minimum": 0, "maximum": 65535},
     cfg._http_url: _HTTP_URL,
     cfg._redis_url: {"pattern": "^(redis|rediss|unix):"},
@@ -60,6 +61,7 @@ _BY_CHECK: Final[Mapping[Callable[..., Any], Mapping[str, Any]]] = {
         }
     },
     cfg._audience: {"pattern": "^[\\x21-\\x7e]{1,256}$"},
+    cfg._token: {"minLength": 16},
 }
 # ... and, for checks written in place (lambdas, `_one_of`), by section and key.
 _BY_FIELD: Final[Mapping[tuple[type, str], Mapping[str, Any]]] = {
@@ -74,7 +76,10 @@ _BY_FIELD: Final[Mapping[tuple[type, str], Mapping[str, Any]]] = {
     (cfg.JwtConfig, "algorithm"): {"enum": list(cfg.JWT_ALGORITHMS)},
     (cfg.JwtConfig, "ttl"): {"minimum": 10},
     (cfg.RateLimitConfig, "backend"): {"enum": ["memory", "redis"]},
+    (cfg.RateLimitConfig, "mode"): {"enum": ["exact", "batched"]},
     (cfg.LogConfig, "level"): {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+    # Empty only in decision-only mode (server.enabled: false), which check-config checks.
+    (cfg.RouteConfig, "upstream"): {"pattern": r"^(https?://[^/?#@\s]+(/[^?#]*)?)?$"},
 }
 
 
@@ -194,8 +199,23 @@ def config_schema() -> dict[str, Any]:
             "`tower-gateway check-config` also checks the rules that span several keys."
         ),
         **top,
+        **_DECISION_ONLY,
         "$defs": dict(sorted(defs.items())),
     }
+
+
+# `server.enabled: false` (decision mode only) needs `decision:`; otherwise every route
+# needs its upstream.
+_DECISION_ONLY: Final = {
+    "if": {
+        "properties": {
+            "server": {"properties": {"enabled": {"const": False}}, "required": ["enabled"]}
+        },
+        "required": ["server"],
+    },
+    "then": {"properties": {"decision": {"type": "object"}}, "required": ["decision"]},
+    "else": {"properties": {"routes": {"items": {"required": ["upstream"]}}}},
+}
 
 
 def render() -> str:

@@ -141,10 +141,16 @@ def _finish(cfg: Config, env: Mapping[str, str], base: Path) -> Config:
         elif name in names:
             raise ConfigError(f"routes[{i}].name", f"duplicate route name {name!r}")
         names.add(name)
+        if not route.upstream and cfg.server.enabled:
+            raise ConfigError(
+                f"routes[{i}].upstream", "is required (unless server.enabled is false)"
+            )
         routes.append(_replace(route, name=name))
     if not routes:
         raise ConfigError("routes", "needs at least one route")
 
+    if not cfg.server.enabled and cfg.decision is None:
+        raise ConfigError("server.enabled", "false needs a decision listener (decision:)")
     if cfg.rate_limit.backend == "redis" and not cfg.redis.url:
         raise ConfigError("rate_limit.backend", "redis needs redis.url")
     cache = _fingerprint_secrets(cfg, env)

@@ -49,6 +49,8 @@ def _fraction(v: float) -> str | None:
 
 def _ratio(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be from 0 to 1"
+def _pool_size(v: int) -> str | None:
+    return None if v >= 2 else "must be at least 2 (the revocation subscription holds one)"
 
 
 def _port(v: int) -> str | None:
@@ -153,6 +155,8 @@ class ServerConfig:
     # connection is kept (`gateway.http.server`), on every listener.
     header_timeout: float = _check(_positive, 10.0)
     keepalive_timeout: float = _check(_positive, 75.0)
+    # false = decision only (`decision:`): no proxy listener, routes need no upstream.
+    enabled: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +269,8 @@ class CapabilitiesConfig:
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
     path: str = _check(_route_path)
-    upstream: str = _check(_http_url)
+    # Required while server.enabled; "" (unset) only in decision-only mode.
+    upstream: str = _check(lambda v: _http_url(v) if v else None, "")
     name: str | None = None
     methods: tuple[str, ...] | None = _check(_methods, None)
     require: tuple[str, ...] = ()
@@ -305,12 +310,20 @@ class RateLimitConfig:
     default_per_minute: float = _check(_non_negative, 100.0)
     backend: str = _check(_one_of("memory", "redis"), "memory")
     burst: int | None = _check(_positive, None)
+    # With the redis backend: "exact" asks Redis for every decision; "batched" decides in the
+    # process on a share of each bucket and settles with Redis every sync_interval seconds.
+    mode: str = _check(_one_of("exact", "batched"), "exact")
+    sync_interval: float = _check(_positive, 0.1)
 
 
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str | None = _check(_redis_url, None)
     key_prefix: str = "tower-gateway:"
+    # Connections per process (the revocation subscription holds one), and how long a request
+    # waits for one when all are busy before it goes without Redis.
+    max_connections: int = _check(_pool_size, 100)
+    pool_timeout: float = _check(_positive, 0.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +356,26 @@ class LogConfig:
     audit: str | None = _check(_log_target, "stdout")
 
 
+def _token(v: str) -> str | None:
+    return None if len(v) >= 16 else "must be at least 16 characters"
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionConfig:
+    """The decision listener for a data plane that is already there (CONTRACT 9)."""
+
+    host: str = "127.0.0.1"
+    port: int = _check(_port, 9092)
+    # Seconds a data plane may reuse an allow answer; 0 = every request is decided.
+    cache_ttl: float = _check(_non_negative, 0.0)
+    # Shared secret the data plane sends in X-Tower-Gateway-Decision-Token; a decision
+    # request without it is refused (403), so a client that reaches the listener cannot
+    # forge an original request. Unset = not checked.
+    token: str | None = _check(_token, None)
+    # Peers (data plane addresses or CIDR blocks) allowed to ask; empty = any peer.
+    allow_from: tuple[str, ...] = _check(_cidrs, ())
+
+
 @dataclass(frozen=True, slots=True)
 class TracingConfig:
     """Spans exported over OTLP/HTTP (gateway.ops.otlp); trace context is continued either way."""
@@ -373,4 +406,5 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    decision: DecisionConfig | None = None
     source: str = field(default="<dict>", metadata={"internal": True})

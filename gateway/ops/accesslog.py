@@ -123,16 +123,20 @@ class AccessLog:
         if self._path is not None:
             self._reopen = True
 
-    def write(self, request: web.BaseRequest, record: RequestRecord) -> None:
+    def write(
+        self, request: web.BaseRequest, record: RequestRecord, *, decision: bool = False
+    ) -> None:
+        """One access line; `decision`: a decision listener's, naming the original request
+        (`record.method`, `record.path`) instead of the decision request."""
         if not self.enabled:
             return
         line: dict[str, Any] = {
             "ts": round(time.time(), 3),
-            "type": "access",
+            "type": "decision" if decision else "access",
             "request_id": record.request_id,
             "client": record.client or request.remote,
-            "method": request.method,
-            "path": _clip(request.path),
+            "method": record.method if decision else request.method,
+            "path": _clip(record.path if decision else request.path),
             "route": record.route,
             "status": record.status,
             "duration_ms": round(record.duration * 1000, 3),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import fields, is_dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -22,6 +23,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from aiohttp import web
 
 from gateway.config import Config
+from gateway.decision.explain import decision_mode
 from gateway.http.answers import json_error as _error
 from gateway.http.answers import json_response as _json
 from gateway.ops.audit import parse_limit
@@ -149,6 +151,7 @@ def add_admin_routes(
         client = admin_client(request)
         try:
             answer = await parts.explainer.explain(query)
+            decision_mode(parts.config(), time.time(), answer)
         except UnknownFingerprint:
             parts.audit().admin(
                 "explain", client=client, ok=False, key=query.fingerprint, reason="unknown"

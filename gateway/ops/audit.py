@@ -10,7 +10,8 @@ of stalling requests; the most recent events are also kept in a bounded ring for
      "request_id", "client", "method", "path", "route", "key", "user", "key_id", "role",
      "missing_capability" (a 403), "source" (a success: hit | tower | stale), "trace_id"}
     {"event": "admin", "action": <cache_clear | cache_drop | reload | revocation_webhook |
-     explain | admin_denied>, "outcome": "success" | "failure", "client", ...details}
+     explain | admin_denied | keys_list | key_create | key_show | key_update | key_revoke |
+     key_rotate>, "outcome": "success" | "failure", "client", ...details}
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 `/admin/*` needs `Authorization: Bearer {admin.token}` (compared in constant
 time); with no admin token configured it does not exist (404). The cache
-endpoints are here; audit, config, explain and reload are in `gateway.ops.admin`;
+endpoints are here; audit, config, explain and reload are in `gateway.ops.admin`, the
+embedded tower's keys in `gateway.ops.keys_api` and their page in `gateway.ops.admin_ui`;
 `GET /admin/openapi.json` describes them all (`gateway.ops.openapi`).
 Every admin action, and every refused admin request, is an audit event.
 """
@@ -18,6 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.http.answers import json_error as _error
 from gateway.http.answers import json_response as _json
 from gateway.ops.admin import add_admin_routes, admin_client, audited_webhook
+from gateway.ops.admin_ui import add_ui_routes
+from gateway.ops.keys_api import KeyApiParts, add_key_routes, no_store
 from gateway.ops.openapi import OPENAPI_PATH, admin_openapi
 from gateway.ops.parts import OpsParts
 
@@ -51,7 +54,7 @@ def admin_guard(
 
 
 def create_ops_app(parts: OpsParts) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[no_store])
     readiness = parts.readiness
     token = parts.admin.token
 
@@ -105,6 +108,14 @@ def create_ops_app(parts: OpsParts) -> web.Application:
     app.router.add_delete("/admin/cache/{key_id}", admin(cache_drop))
     app.router.add_post("/admin/revocations", admin(audited_webhook(parts)))
     add_admin_routes(app, parts, admin)
+    key_parts = KeyApiParts(
+        store=parts.key_store,
+        audit=parts.audit,
+        revoke=parts.revoker.revoke_key_ids,
+        roles=lambda: parts.config().roles,
+    )
+    add_key_routes(app, key_parts, admin)
+    add_ui_routes(app, enabled=token is not None and parts.key_store is not None)
     document = admin_openapi()
 
     async def openapi(_request: web.Request) -> web.Response:

@@ -13,6 +13,12 @@ from typing import Any, Final
 
 from gateway import __version__
 from gateway.ops.audit import DEFAULT_LIMIT, MAX_LIMIT
+from gateway.ops.keys_openapi import KEY_SCHEMA, key_paths
+from gateway.ops.openapi_parts import JSON as _JSON
+from gateway.ops.openapi_parts import answer as _answer
+from gateway.ops.openapi_parts import error as _error
+from gateway.ops.openapi_parts import obj as _object
+from gateway.ops.openapi_parts import op as _op
 from gateway.replicas.webhook import (
     MAX_KEY_ID_LENGTH,
     SIGNATURE_HEADER,
@@ -22,37 +28,6 @@ from gateway.replicas.webhook import (
 )
 
 OPENAPI_PATH: Final = "/admin/openapi.json"
-
-_JSON: Final = "application/json"
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"description": description, "content": {_JSON: {"schema": schema}}}
-
-
-def _error(description: str) -> dict[str, Any]:
-    return _answer(description, _ref("Error"))
-
-
-# Every admin operation may answer these (gateway.ops.admin_guard).
-_GUARD: Final = {
-    "401": {"$ref": "#/components/responses/Unauthorized"},
-    "404": {"$ref": "#/components/responses/Disabled"},
-}
-
-
-def _op(op_id: str, summary: str, ok: dict[str, Any], **more: Any) -> dict[str, Any]:
-    responses = {"200": ok, **more.pop("responses", {}), **_GUARD}
-    return {"operationId": op_id, "summary": summary, **more, "responses": responses}
-
-
-def _object(**properties: Any) -> dict[str, Any]:
-    return {"type": "object", "properties": properties}
-
 
 _CACHE_STATS: Final = _object(
     **{
@@ -251,6 +226,7 @@ def admin_openapi(*, workers: bool = False) -> dict[str, Any]:
                 },
             )
         },
+        **key_paths(),
         OPENAPI_PATH: {
             "get": _op(
                 "openapi",
@@ -290,9 +266,14 @@ def admin_openapi(*, workers: bool = False) -> dict[str, Any]:
             "schemas": {
                 "Error": {
                     "type": "object",
-                    "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+                    "properties": {
+                        "error": {"type": "string"},
+                        "detail": {"type": "string"},
+                        "field": {"type": "string", "description": "the refused input (keys)"},
+                    },
                     "required": ["error", "detail"],
-                }
+                },
+                "Key": KEY_SCHEMA,
             },
             "responses": {
                 "Unauthorized": _error("No admin bearer token, or a wrong one"),

@@ -17,6 +17,7 @@ from gateway.config import AdminConfig, Config
 from gateway.ops.audit import AuditLog
 from gateway.ops.explain import Explainer
 from gateway.ops.reload import Reloader
+from gateway.tower.store import KeyStore
 
 READY_CACHE_SECONDS: Final = 2.0
 PING_TIMEOUT: Final = 2.0
@@ -89,3 +90,4 @@ class OpsParts:
     explainer: Explainer
     config: Callable[[], Config]  # the config in effect
     admin: AdminConfig  # as started: a reload does not change it
+    key_store: KeyStore | None = None  # the embedded tower's, for /admin/keys

@@ -7,11 +7,12 @@ them, so it sees all of the old config or all of the new, never a mix.
 
 Live (applied at once): `routes`, `roles`, `capabilities`, `credentials`,
 `websocket`, `server.trusted_proxies`, `rate_limit.default_per_minute`,
-`log.level`, and `jwt` with the signing key: the key file (or secret) is read on
-every reload, so a replaced file is a new key for new tokens at once, the old
-public key stays in the JWKS for one token lifetime and tokens it signed are no
-longer reused. Everything else needs a restart: the listeners (`server.*`,
-`ops`), the clients and caches built at start (`tower`, `cache`, `redis`,
+`log.level`, `decision.cache_ttl`/`token`/`allow_from`, and `jwt` with the signing
+key: the key file (or secret) is read on every reload, so a replaced file is a new
+key for new tokens at once, the old public key stays in the JWKS for one token
+lifetime and tokens it signed are no longer reused. Everything else needs a
+restart: the listeners (`server.*`, `ops`, `decision.host`/`port`), the clients
+and caches built at start (`tower`, `cache`, `redis`,
 `rate_limit.backend`/`burst`), the log sinks and
 `admin` (with `--workers`, the supervisor talks to its workers with the token
 they all started with). A reload that changes one of those applies the live
@@ -48,6 +49,10 @@ LIVE_KEYS: Final = frozenset(
         "rate_limit.default_per_minute",
         "log.level",
         "jwt",
+        # Read per decision by the decision listener; its address needs a restart.
+        "decision.cache_ttl",
+        "decision.token",
+        "decision.allow_from",
     }
 )
 
@@ -111,6 +116,9 @@ def merge(running: Config, loaded: Config) -> tuple[Config, tuple[str, ...], tup
             continue
         updates: dict[str, Any] = {}
         for key in _differences(name, old, new):
+            if "." not in key:  # a whole optional section set or unset (`decision`)
+                restart.append(key)
+                continue
             field_name = key.split(".")[1]
             live = f"{name}.{field_name}"
             if live in LIVE_KEYS:

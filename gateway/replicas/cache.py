@@ -4,6 +4,7 @@ one tower call per cold key across replicas (a Redis lock), revocation markers h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import math
@@ -21,7 +22,6 @@ from gateway.errors import TowerFault
 from gateway.replicas.connection import (
     _GLOB_SPECIAL,
     ADMIN_OP_TIMEOUT,
-    OP_TIMEOUT,
     POLL_INTERVAL,
     REDIS_FAULTS,
     SCAN_COUNT,
@@ -29,6 +29,7 @@ from gateway.replicas.connection import (
     Revocations,
     _mac,
     marker_ttl,
+    op_timeout,
 )
 from gateway.tower import REJECTION_REASONS, Identity, Rejection, parse_answer
 
@@ -84,9 +85,10 @@ return {0, entry, now}
 
 
 # Store an answer and release the lock. KEYS: entry, lock, revoked-all[, kid set, revoked:kid].
-# ARGV: value, ttl (ms), lock token, digest hex, fetch time (Redis ms). A revocation marker at or
-# after the fetch time means a revocation happened while this answer was being fetched: it is
-# not shared. The kid set lives as long as its longest entry.
+# ARGV: value, ttl (ms), lock token, digest hex, fetch time (Redis ms), "filled" channel. A
+# revocation marker at or after the fetch time means a revocation happened while this answer
+# was being fetched: it is not shared. The kid set lives as long as its longest entry. The
+# lock's holder announces the digest, so the replicas waiting on the lock look at once.
 _PUT_LUA: Final = """
 local function after(key)
   local at = tonumber(redis.call('GET', key) or '')
@@ -103,7 +105,9 @@ if not after(KEYS[3]) and (#KEYS < 5 or not after(KEYS[5])) then
   end
   stored = 1
 end
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+if redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('DEL', KEYS[2]); redis.call('PUBLISH', ARGV[6], ARGV[4])
+end
 return stored
 """
 
@@ -125,9 +129,12 @@ return now
 
 
 # Compare-and-delete: the token makes sure a replica whose lock expired (a slow tower call)
-# never releases the lock another replica has taken since.
+# never releases the lock another replica has taken since. ARGV: token, "filled" channel,
+# digest hex: the waiters are told the lock is free (one of them takes it over).
 _RELEASE_LUA: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1]); redis.call('PUBLISH', ARGV[2], ARGV[3]); return 1
+end
 return 0
 """
 
@@ -150,9 +157,11 @@ class SharedIdentityCache:
     """The identity cache level replicas share (`gateway.auth.identity.SharedLevel`) on Redis.
 
     A lookup claims the digest with one script: a fresh entry is the answer; otherwise the
-    first replica takes a short lock and calls the tower, and the others poll until its answer
+    first replica takes a short lock and calls the tower, and the others wait until its answer
     appears, the lock is freed (its call failed: the next one takes over) or the lock's time
     is up, when they call the tower themselves rather than wait on a replica that may be gone.
+    The holder announces the digest on the "filled" channel when it stores its answer or frees
+    the lock (`wake`); waiters also look again every `poll_interval` in case that is lost.
     Entries carry an HMAC bound to their digest, so write access to Redis alone can neither
     forge an identity nor move one to another key; they are read with the field rules of a
     tower answer, and never when fetched before a revocation of their key_id.
@@ -182,6 +191,9 @@ class SharedIdentityCache:
         self._faults = faults
         self._clock = clock
         self._poll = poll_interval
+        self._op_timeout = op_timeout(client)
+        self.filled_channel = prefix + "filled"
+        self._waiters: dict[str, set[asyncio.Event]] = {}
         self._claim = client.register_script(_CLAIM_LUA)
         self._put_script = client.register_script(_PUT_LUA)
         self._release = client.register_script(_RELEASE_LUA)
@@ -200,8 +212,13 @@ class SharedIdentityCache:
         shared_ok = True
         fetched_ms: int | None = None
         deadline = time.monotonic() + self._lock_ttl
+        woken = asyncio.Event()
+        waiters = self._waiters.setdefault(hexdigest, set())
+        waiters.add(woken)
         try:
             while True:
+                # Cleared before the claim: a message that arrives after its answer still wakes.
+                woken.clear()
                 state, raw, now_ms = await self._claim_once(hexdigest, token)
                 # The earliest time before the fetch: a revocation after it wins.
                 fetched_ms = now_ms if fetched_ms is None else fetched_ms
@@ -216,14 +233,21 @@ class SharedIdentityCache:
                     holder = token
                     self.stats.leads += 1
                     break
-                if time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     self.stats.wait_timeouts += 1
                     break
                 self.stats.polls += 1
-                await asyncio.sleep(self._poll)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(self._poll, left)):
+                        await woken.wait()
         except REDIS_FAULTS as exc:
             self._faults.record("claim", exc)
             shared_ok = False
+        finally:
+            waiters.discard(woken)
+            if not waiters:
+                self._waiters.pop(hexdigest, None)
         try:
             answer = await fetch()
         except TowerFault as fault:
@@ -236,9 +260,18 @@ class SharedIdentityCache:
             await self._put(digest, answer, holder, fetched_ms)
         return answer
 
+    def wake(self, hexdigest: str) -> None:
+        """A digest's lock was released: the lookups here waiting on it look again now."""
+        for woken in self._waiters.get(hexdigest, ()):
+            woken.set()
+
+    async def _release_lock(self, hexdigest: str, token: str) -> None:
+        keys, args = [self._key("lock:", hexdigest)], [token, self.filled_channel, hexdigest]
+        await self._release(keys=keys, args=args)
+
     async def _claim_once(self, hexdigest: str, token: str) -> tuple[int, bytes | None, int]:
         now_ms = math.floor(self._clock() * 1000)
-        async with asyncio.timeout(OP_TIMEOUT):
+        async with asyncio.timeout(self._op_timeout):
             reply = await self._claim(
                 keys=[
                     self._key("id:", hexdigest),
@@ -252,8 +285,8 @@ class SharedIdentityCache:
 
     async def _unlock(self, hexdigest: str, token: str) -> None:
         try:
-            async with asyncio.timeout(OP_TIMEOUT):
-                await self._release(keys=[self._key("lock:", hexdigest)], args=[token])
+            async with asyncio.timeout(self._op_timeout):
+                await self._release_lock(hexdigest, token)
         except REDIS_FAULTS as exc:
             self._faults.record("unlock", exc)
 
@@ -284,15 +317,15 @@ class SharedIdentityCache:
             except (TypeError, ValueError) as exc:  # metadata JSON cannot carry: not shared
                 self._faults.record("encode", exc, pause=False)
         try:
-            async with asyncio.timeout(OP_TIMEOUT):
+            async with asyncio.timeout(self._op_timeout):
                 if value is not None:
                     ttl_ms = max(1, math.ceil((stale_until - now) * 1000))
-                    stored = await self._put_script(
-                        keys=keys, args=[value, ttl_ms, token or "", hexdigest, fetched_ms]
-                    )
+                    args: list[bytes | str | int] = [value, ttl_ms, token or "", hexdigest]
+                    args += [fetched_ms, self.filled_channel]
+                    stored = await self._put_script(keys=keys, args=args)
                     self.stats.writes += int(stored)
                 elif token is not None:
-                    await self._release(keys=[keys[1]], args=[token])
+                    await self._release_lock(hexdigest, token)
         except REDIS_FAULTS as exc:
             self._faults.record("put", exc)
 

@@ -18,6 +18,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.config import CacheConfig
+from gateway.replicas.pool import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_POOL_TIMEOUT,
+    PoolExhausted,
+    WaitingPool,
+    pool_wait,
+)
 
 log = logging.getLogger("tower_gateway.shared")
 
@@ -42,7 +49,9 @@ RETRY_INTERVAL: Final = 1.0
 LOG_INTERVAL: Final = 30.0
 
 
-POLL_INTERVAL: Final = 0.015
+# Waiters for a lock are woken by the holder's "filled" message; they look again after this
+# long without one (a message lost with a reconnection, a holder that died).
+POLL_INTERVAL: Final = 0.1
 
 
 LISTEN_TIMEOUT: Final = 1.0
@@ -118,15 +127,29 @@ class Revocations:
         return key_id is not None and self._at.get(key_id, -1) >= fetched_ms
 
 
-def redis_client(url: str) -> redis.asyncio.Redis:
-    """The one client a Gateway uses for everything shared (rate limits, cache, revocations)."""
-    return redis.asyncio.Redis.from_url(
+def redis_client(
+    url: str,
+    *,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+) -> redis.asyncio.Redis:
+    """The one client a Gateway uses for everything shared (rate limits, cache, revocations):
+    at most `max_connections` connections, a call waiting up to `pool_timeout` for one."""
+    pool = WaitingPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=pool_timeout,
         socket_timeout=SOCKET_TIMEOUT,
         socket_connect_timeout=SOCKET_TIMEOUT,
         # A pooled connection that died with a Redis restart reconnects at once.
         retry=Retry(NoBackoff(), 1),
     )
+    return redis.asyncio.Redis.from_pool(pool)
+
+
+def op_timeout(client: redis.asyncio.Redis) -> float:
+    """OP_TIMEOUT for the call itself, plus the time it may wait for a pooled connection."""
+    return OP_TIMEOUT + pool_wait(client)
 
 
 class RedisFaults:
@@ -150,6 +173,9 @@ class RedisFaults:
         self.errors = 0
 
     def record(self, op: str, exc: BaseException, *, pause: bool = True) -> None:
+        if isinstance(exc, PoolExhausted):
+            # Redis answers, the pool is too small for the load: counted, never a pause.
+            op, pause = "pool", False
         self.errors += 1
         now = self._clock()
         if pause:

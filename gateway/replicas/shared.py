@@ -17,11 +17,19 @@ LOG_INTERVAL seconds. Redis keys, all under `redis.key_prefix`:
     revoked-all        fetched before it could live: such entries are never read, nor stored
     revocations        the pub/sub channel: "<macs>|<json>", the JSON {"origin", "id", "ts",
                        "at", "key_ids": [...] or "all": true}, signed with the shared secret
+    filled             the pub/sub channel on which a lock's holder announces "<digest hex>"
+                       once its answer is stored (or its call failed): waiters look at once
 
 Trust: whoever can write to Redis but holds none of the gateway's secrets can delete entries
 (more tower calls) and block sharing, but cannot forge an entry, move one to another key,
 bring back an entry revoked on a replica that heard the revocation, or send a revocation.
 Replicas remember the revocations they heard, so deleting the marker does not help either.
+A "filled" message is a hint, not a fact: a forged one costs a waiter one more lookup.
+
+Every process has one pool of `redis.max_connections` connections (`pool`). When all are busy
+a call waits up to `redis.pool_timeout` for one; a pool still exhausted then is counted as
+`tower_gateway_redis_errors_total{op="pool"}` and that one call goes without Redis, but the
+request path keeps using Redis: only a Redis that fails to answer pauses it.
 
 The parts: `connection` (the client, fault handling, signing), `cache` (the shared level),
 `bus` (revocation messages) and `webhook` (the tower's `POST /admin/revocations`); `Replicas`
@@ -44,9 +52,9 @@ from gateway.replicas.bus import Forget, RevocationBus
 from gateway.replicas.cache import SharedIdentityCache
 from gateway.replicas.connection import (
     ADMIN_OP_TIMEOUT,
-    OP_TIMEOUT,
     REDIS_FAULTS,
     RedisFaults,
+    op_timeout,
 )
 
 # The lock outlives one tower call (tower.timeout) by this much.
@@ -97,6 +105,8 @@ class Replicas:
             keys=keys,
             revocations=self.cache.revocations,
             clock=clock,
+            filled_channel=self.cache.filled_channel,
+            on_filled=self.cache.wake,
         )
         self._pending: set[asyncio.Task[bool]] = set()
 
@@ -141,7 +151,7 @@ class Replicas:
 
     async def ping(self) -> bool:
         try:
-            async with asyncio.timeout(OP_TIMEOUT):
+            async with asyncio.timeout(op_timeout(self._client)):
                 return bool(await self._client.ping())
         except REDIS_FAULTS as exc:
             self.faults.record("ping", exc, pause=False)

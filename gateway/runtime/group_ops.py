@@ -149,7 +149,9 @@ def _forwarded_headers(request: web.Request) -> dict[str, str]:
 def create_group_ops_app(group: WorkerGroup) -> web.Application:
     """The parent's ops listener: the same endpoints as one process, answered for the group.
 
-    Cache and revocation endpoints are merged explicitly. Any other `/admin/*`
+    Cache and revocation endpoints are merged explicitly; a key is created or changed
+    by one worker, and a change then drops the key's cache in every worker; the key
+    page is served here. Any other `/admin/*`
     request is forwarded: a GET (and `POST /admin/explain`, which may need the
     one worker that cached a fingerprint) to ready workers in turn until one has
     an answer other than 404; any other method to every running worker, the
@@ -157,11 +159,13 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
     reply listed under "workers".
     """
     from gateway.http.server import listener_app
+    from gateway.ops.admin_ui import add_ui_routes
     from gateway.ops.audit import parse_limit
+    from gateway.ops.keys_api import no_store
     from gateway.ops.listener import admin_guard
     from gateway.ops.openapi import OPENAPI_PATH, admin_openapi
 
-    app = listener_app(web.Application(), group.config.server)
+    app = listener_app(web.Application(middlewares=[no_store]), group.config.server)
     app[GROUP] = group
     admin = admin_guard(group.config.admin.token)
 
@@ -331,6 +335,54 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
             }
         )
 
+    async def one_worker(request: web.Request) -> Reply | None:
+        # A key is created, changed or revoked once, in the store every worker shares, by
+        # the first ready worker (which audits it); never retried on another, which could
+        # create a second key.
+        slot = next((s for s in group.slots if s.ready.is_set()), None)
+        if slot is None:
+            return None
+        body = await request.read()
+        headers = _forwarded_headers(request)
+        try:
+            status, data = await group.call(
+                slot, request.method, request.raw_path, body=body or None, headers=headers
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return Reply(slot.index, 0, error=type(exc).__name__)
+        return Reply(slot.index, status, data)
+
+    async def key_create(request: web.Request) -> web.Response:
+        reply = await one_worker(request)
+        if reply is None:
+            return _no_worker()
+        return _unavailable([reply]) if reply.status == 0 else _passthrough(reply)
+
+    async def key_change(request: web.Request) -> web.Response:
+        """Revoke, rotate or update in one worker, then drop the key's cached identities in
+        every worker, as `DELETE /admin/cache/{key_id}` does."""
+        reply = await one_worker(request)
+        if reply is None:
+            return _no_worker()
+        if reply.status == 0:
+            return _unavailable([reply])
+        if not 200 <= reply.status < 300:
+            return _passthrough(reply)
+        path = "/admin/cache/" + quote(request.match_info["key_id"], safe="")
+        drops = await group.fan_out(
+            hdrs.METH_DELETE, path, every=True, headers=_forwarded_headers(request)
+        )
+        answer = reply.json()
+        done = [r for r in drops if r.status == 200]
+        answer["dropped_entries"] = int(answer.get("dropped_entries", 0)) + sum(
+            int(r.json().get("dropped_entries", 0)) for r in done
+        )
+        answer["workers"] = len(done)
+        # The change is in the store already (and a rotated key was issued): report the
+        # workers that did not confirm, rather than fail the call.
+        answer["workers_missing"] = [r.worker for r in drops if r.status != 200]
+        return _json(answer, reply.status)
+
     async def workers(_request: web.Request) -> web.Response:
         return _json({"pid": os.getpid(), "workers": [s.describe() for s in group.slots]})
 
@@ -344,6 +396,12 @@ def create_group_ops_app(group: WorkerGroup) -> web.Application:
     app.router.add_post("/admin/revocations", admin(revocations))
     app.router.add_get("/admin/audit", admin(audit))
     app.router.add_get("/admin/workers", admin(workers))
+    app.router.add_post("/admin/keys", admin(key_create))
+    app.router.add_patch("/admin/keys/{key_id}", admin(key_change))
+    app.router.add_post("/admin/keys/{key_id}/revoke", admin(key_change))
+    app.router.add_post("/admin/keys/{key_id}/rotate", admin(key_change))
+    token, local = group.config.admin.token, group.config.tower.local
+    add_ui_routes(app, enabled=token is not None and local is not None)
     document = admin_openapi(workers=True)
 
     async def openapi(_request: web.Request) -> web.Response:

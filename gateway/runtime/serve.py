@@ -49,9 +49,14 @@ async def serve(
     await proxy_runner.setup()
     ops_runner = GatewayRunner(gateway.ops_app(), access_log=None, handle_signals=False)
     await ops_runner.setup()
+    decision_runner: GatewayRunner | None = None
     try:
-        if sock is not None:
-            site: web.BaseSite = web.SockSite(proxy_runner, sock)
+        decision_runner = await _decision_runner(gateway)
+        site: web.BaseSite | None = None
+        if not config.server.enabled:
+            pass  # decision only: the proxy app still runs the gateway's lifespan
+        elif sock is not None:
+            site = web.SockSite(proxy_runner, sock)
         else:
             site = web.TCPSite(
                 proxy_runner,
@@ -60,7 +65,18 @@ async def serve(
                 reuse_port=reuse_port or None,
                 backlog=1024,
             )
-        await site.start()
+        if site is not None:
+            await site.start()
+        if decision_runner is not None and config.decision is not None:
+            decision_site = web.TCPSite(
+                decision_runner,
+                config.decision.host,
+                config.decision.port,
+                reuse_port=reuse_port or None,
+                backlog=1024,
+            )
+            await decision_site.start()
+            log.info("decision listener on %s", decision_site.name)
         if ops:
             await web.TCPSite(
                 ops_runner, config.ops.host, config.ops.port, reuse_port=reuse_port or None
@@ -74,7 +90,9 @@ async def serve(
             if ops_sock is not None
             else "off"
         )
-        log.info("listening on %s (ops %s)", site.name, ops_at)
+        log.info(
+            "listening on %s (ops %s)", site.name if site else "nothing (decision only)", ops_at
+        )
         if shadow_routes(config):
             log.warning(
                 "routes in shadow mode (enforce: false), denials are logged, not enforced: %s",
@@ -89,8 +107,26 @@ async def serve(
     finally:
         # cleanup() stops accepting first, waits for in-flight handlers up to
         # shutdown_timeout, then closes the gateway's clients (cleanup_ctx).
+        if decision_runner is not None:
+            await decision_runner.cleanup()
         await proxy_runner.cleanup()
         await ops_runner.cleanup()
+
+
+async def _decision_runner(gateway: Gateway) -> GatewayRunner | None:
+    """The decision listener's runner (`decision:`), set up; None when there is none."""
+    if gateway.config.decision is None:
+        return None
+    from gateway.decision.listener import decision_app
+
+    runner = GatewayRunner(
+        decision_app(gateway),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=gateway.config.server.shutdown_timeout,
+    )
+    await runner.setup()
+    return runner
 
 
 async def _wait_for_signal(on_hangup: Callable[[], object] | None = None) -> None:

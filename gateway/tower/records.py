@@ -37,6 +37,18 @@ class KeyNotFound(StoreError):
     """No key has the given key_id."""
 
 
+class FieldError(StoreError):
+    """A value the store refuses; `field` names it as the API and the CLI spell it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class KeyStateError(StoreError):
+    """The key's state forbids the change (rotating a revoked key, editing a rotated one)."""
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     """Everything stored about a key except its hash; safe to show."""
@@ -73,30 +85,34 @@ class KeyRecord:
         return data
 
 
-def text_field(value: object, what: str) -> str:
+def text_field(value: object, what: str, field: str | None = None) -> str:
     # The same limits `parse_answer` applies, so every stored key can be served.
     if not isinstance(value, str) or not value.strip():
-        raise StoreError(f"{what} must be a non-empty string")
+        raise FieldError(field or what, f"{what} must be a non-empty string")
     if len(value) > MAX_FIELD_LENGTH or not value.isprintable():
-        raise StoreError(f"{what} must be printable text of at most {MAX_FIELD_LENGTH} characters")
+        raise FieldError(
+            field or what, f"{what} must be printable text of at most {MAX_FIELD_LENGTH} characters"
+        )
     return value
 
 
 def number_field(value: object, what: str, *, low: float, high: float, low_ok: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise StoreError(f"{what} must be a number")
+        raise FieldError(what, f"{what} must be a number")
     if value < low or (value == low and not low_ok) or value > high:
         bound = f">= {low:g}" if low_ok else f"> {low:g}"
-        raise StoreError(f"{what} must be {bound} and at most {high:g}, got {value:g}")
+        raise FieldError(what, f"{what} must be {bound} and at most {high:g}, got {value:g}")
     return float(value)
 
 
 def clean_scopes(scopes: Iterable[str]) -> builtins.list[str]:
     if isinstance(scopes, str):
-        raise StoreError("scopes must be a list of strings, not one string")
-    cleaned = sorted({text_field(s, "scope") for s in scopes})
+        raise FieldError("scopes", "scopes must be a list of strings, not one string")
+    if not isinstance(scopes, Iterable):
+        raise FieldError("scopes", "scopes must be a list of strings")
+    cleaned = sorted({text_field(s, "scope", "scopes") for s in scopes})
     if len(cleaned) > MAX_SCOPES:
-        raise StoreError(f"at most {MAX_SCOPES} scopes")
+        raise FieldError("scopes", f"at most {MAX_SCOPES} scopes")
     return cleaned
 
 
@@ -115,9 +131,9 @@ def clean_metadata(
     try:
         encoded = json.dumps(meta, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as exc:
-        raise StoreError(f"metadata must be plain JSON: {exc}") from None
+        raise FieldError("metadata", f"metadata must be plain JSON: {exc}") from None
     if len(encoded) > MAX_METADATA_BYTES:
-        raise StoreError(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
+        raise FieldError("metadata", f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
     return encoded
 
 
@@ -130,3 +146,26 @@ def record_from_row(row: tuple[Any, ...]) -> KeyRecord:
 
 def invalid_answer(reason: str) -> dict[str, Any]:
     return {"valid": False, "reason": reason}
+
+
+def expiry_field(value: object, now: float) -> float | None:
+    """A new `expires_at`: epoch seconds in the future (within MAX_DAYS), or None (never)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise FieldError("expires_at", "expires_at must be epoch seconds or null")
+    if not now < value <= now + DAY * MAX_DAYS:
+        raise FieldError("expires_at", "expires_at must be in the future, within 100 years")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyQuery:
+    """Which keys `KeyStore.list` returns: exact user and role, one state, a page."""
+
+    user_id: str | None = None
+    role: str | None = None
+    state: str | None = None  # a key of `gateway.tower.store.STATES`
+    limit: int | None = None
+    offset: int = 0
+    now: float | None = None

@@ -1,5 +1,5 @@
 """`KeyStore`: API keys in a SQLite file (WAL), stored only as keyed hashes; create, list,
-revoke, rotate, look up, and count usage in batches. Safe for several processes at once."""
+revoke, rotate, update, look up, and count usage in batches. Safe for several processes at once."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final
 
 from gateway.tower import keyformat
@@ -23,11 +24,15 @@ from gateway.tower.records import (
     HOUR,
     MAX_DAYS,
     MIN_SECRET_BYTES,
+    FieldError,
     KeyNotFound,
+    KeyQuery,
     KeyRecord,
+    KeyStateError,
     StoreError,
     clean_metadata,
     clean_scopes,
+    expiry_field,
     invalid_answer,
     number_field,
     record_from_row,
@@ -204,7 +209,7 @@ class KeyStore:
             clean_metadata(metadata, team=team, rate_limit=rate_limit),
         )
         if env not in keyformat.ENVS:
-            raise StoreError(f"env must be one of {', '.join(keyformat.ENVS)}, got {env!r}")
+            raise FieldError("env", f"env must be one of {', '.join(keyformat.ENVS)}, got {env!r}")
         with self._write() as conn:
             raw, key_id = self._insert(conn, env, now, values)
         return raw, self.get(key_id)
@@ -243,9 +248,9 @@ class KeyStore:
             old = record_from_row(row)
             state = old.state(now)
             if old.status == "rotated":
-                raise StoreError(f"key {key_id} was already rotated to {old.rotated_to}")
+                raise KeyStateError(f"key {key_id} was already rotated to {old.rotated_to}")
             if state != "active":
-                raise StoreError(f"key {key_id} is {state}; create a new key instead")
+                raise KeyStateError(f"key {key_id} is {state}; create a new key instead")
             values = (old.user_id, old.role, row[4], old.expires_at, row[8])
             raw, new_id = self._insert(conn, old.env, now, values)
             # The old key's answers carry the grace end as expires_at, so no
@@ -335,7 +340,91 @@ class KeyStore:
                 self._reader.close()
                 self._reader = None
 
+    def update(self, key_id: str, changes: Mapping[str, Any]) -> KeyRecord:
+        """Change a key's grants, expiry or limits in place (the key itself stays the same).
+
+        `changes` maps `role`, `scopes`, `expires_at`, `rate_limit` or `team` to its new
+        value; None clears `expires_at` (never expires), `rate_limit` (the gateway's
+        default) and `team`. An expired key may be extended; a revoked or rotated one
+        cannot change.
+        """
+        now = time.time()
+        columns: dict[str, Any] = {}
+        meta_changes: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name == "role":
+                columns["role"] = text_field(value, "role")
+            elif name == "scopes":
+                columns["scopes"] = json.dumps(clean_scopes(value))
+            elif name == "expires_at":
+                columns["expires_at"] = expiry_field(value, now)
+            elif name in ("team", "rate_limit"):
+                meta_changes[name] = value
+            else:
+                raise FieldError(name, f"{name} cannot be changed")
+        with self._write() as conn:
+            row = conn.execute(_SELECT_RECORDS + _BY_ID, (key_id,)).fetchone()
+            if row is None:
+                raise KeyNotFound(f"no key with id {key_id!r}")
+            old = record_from_row(row)
+            if old.status != "active":
+                raise KeyStateError(f"key {key_id} is {old.state(now)} and cannot be changed")
+            if meta_changes:
+                meta = {**old.metadata, **meta_changes}
+                columns["metadata"] = clean_metadata(
+                    {k: v for k, v in meta.items() if v is not None}, team=None, rate_limit=None
+                )
+            if columns:
+                # Column names come from the fixed branches above, never from the caller.
+                assignments = ", ".join(f"{name} = ?" for name in columns)
+                conn.execute(
+                    f"UPDATE api_keys SET {assignments} WHERE key_id = ?",  # noqa: S608
+                    (*columns.values(), key_id),
+                )
+        return self.get(key_id)
+
+    def count(self, query: KeyQuery | None = None) -> int:
+        where, params = _where(query or KeyQuery())
+        # `where` is built by `_where` from fixed clauses; every value is a parameter.
+        rows = self._read("SELECT COUNT(*) FROM api_keys" + where, params)  # noqa: S608
+        return int(rows[0][0])
+
     # Defined last: inside the class body, `list` names this method from here on.
-    def list(self) -> builtins.list[KeyRecord]:
-        rows = self._read(_SELECT_RECORDS + " ORDER BY created_at, key_id")
-        return [record_from_row(row) for row in rows]
+    def list(self, query: KeyQuery | None = None) -> builtins.list[KeyRecord]:
+        """Keys in creation order; `query` filters and pages them."""
+        query = query or KeyQuery()
+        where, params = _where(query)
+        sql = _SELECT_RECORDS + where + " ORDER BY created_at, key_id"
+        if query.limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params += (query.limit, query.offset)
+        return [record_from_row(row) for row in self._read(sql, params)]
+
+
+# The effective states of `KeyRecord.state`, as SQL over (status, expires_at).
+STATES: Final = MappingProxyType(
+    {
+        "active": "status = 'active' AND (expires_at IS NULL OR expires_at > ?)",
+        "rotated": "status = 'rotated' AND (expires_at IS NULL OR expires_at > ?)",
+        "expired": "status != 'revoked' AND expires_at IS NOT NULL AND expires_at <= ?",
+        "revoked": "status = 'revoked'",
+    }
+)
+
+
+def _where(query: KeyQuery) -> tuple[str, tuple[Any, ...]]:
+    clauses: builtins.list[str] = []
+    params: builtins.list[Any] = []
+    if query.user_id is not None:
+        clauses.append("user_id = ?")
+        params.append(query.user_id)
+    if query.role is not None:
+        clauses.append("role = ?")
+        params.append(query.role)
+    if query.state is not None:
+        if query.state not in STATES:
+            raise FieldError("status", f"status must be one of {', '.join(STATES)}")
+        clauses.append(STATES[query.state])
+        if "?" in STATES[query.state]:
+            params.append(time.time() if query.now is None else query.now)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)

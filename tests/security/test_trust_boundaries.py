@@ -22,7 +22,8 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import Gateway
 from gateway.auth.fingerprint import Fingerprinter, derive_secret
-from gateway.auth.ratelimit import MemoryRateLimiter, RedisRateLimiter
+from gateway.auth.ratelimit import MemoryRateLimiter
+from gateway.auth.ratelimit_exact import RedisRateLimiter
 from gateway.config import MIN_FINGERPRINT_SECRET, parse_config, parse_config_text
 from gateway.errors import ConfigError
 from tests.conftest import ENV, TOWER_API_KEY, GatewayFactory, Harness
