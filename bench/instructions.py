@@ -15,6 +15,11 @@ calls are not counted: the kernel's share per request is about the same for both
 (the gateway makes one write fewer), so the ratio is the user-space cost ratio.
 
 Installs valgrind with apt-get when missing (as root). About a minute.
+
+`--tracing RATIO` turns on span export (`tracing.otlp_endpoint`, the bench upstream as the
+collector, `sample_ratio` RATIO), so the cost of spans is counted with the request, export
+thread included; `--tree DIR` runs the gateway from another source tree (an export of
+another commit) to compare; `--gateway-only` skips the bare forwarder.
 """
 
 from __future__ import annotations
@@ -142,6 +147,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", default=str(BENCH_DIR / "results"))
+    parser.add_argument("--tracing", type=float, default=None, metavar="RATIO")
+    parser.add_argument("--tree", default=None, help="source tree of the gateway under test")
+    parser.add_argument("--gateway-only", action="store_true")
     args = parser.parse_args()
     args.valgrind = ensure_valgrind()
     # valgrind must start the interpreter itself, not a shim script (pyenv's); a venv's
@@ -161,6 +169,15 @@ def main() -> None:
             wait_http(f"http://{HOST}:{tower}/", 30)
             port, ops = free_port(), free_port()
             config = gateway_config(f"http://{HOST}:{up}", f"http://{HOST}:{tower}", port, ops)
+            if args.tracing is not None:
+                config["tracing"] = {
+                    "otlp_endpoint": f"http://{HOST}:{up}/v1/traces",  # answers 200 to all
+                    "sample_ratio": args.tracing,
+                }
+            gateway_env = env
+            if args.tree is not None:
+                tree = str(Path(args.tree).resolve())  # first, so its `gateway` is imported
+                gateway_env = {**env, "PYTHONPATH": os.pathsep.join([tree, env["PYTHONPATH"]])}
             (work / "gateway.yaml").write_text(json.dumps(config))  # JSON is YAML
             print(f"gateway: {args.requests} cached-key requests under callgrind ...", flush=True)
             gateway = measure(
@@ -168,9 +185,12 @@ def main() -> None:
                 [python, "-m", "gateway", "serve", "--config", str(work / "gateway.yaml")],
                 f"http://{HOST}:{port}/x",
                 args,
-                env,
+                gateway_env,
                 work,
             )
+            if args.gateway_only:
+                print(f"instructions per request: gateway {gateway:,.0f}")
+                return
             print("bare forwarder: the same ...", flush=True)
             bare_port = free_port()
             bare = measure(

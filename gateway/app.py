@@ -11,9 +11,10 @@ fails to close still lets the others close.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import redis.asyncio
 from aiohttp import web
@@ -49,6 +50,9 @@ from gateway.tower import Tower
 from gateway.tower.usage import UsageRecorder, UsageReporter, usage_sender
 from gateway.websocket.handshake import WebSockets
 from gateway.websocket.registry import SocketRegistry
+
+if TYPE_CHECKING:
+    from gateway.ops.otlp import OtlpSpans
 
 
 def make_tower(
@@ -106,6 +110,11 @@ class Gateway:
         )
         self.minter = TokenMinter(config.jwt, self.signing_key, clock=clock)
         self.forwarder = Forwarder(max_body_size=config.server.max_body_size)
+        self.spans: OtlpSpans | None = None
+        if config.tracing.otlp_endpoint:
+            from gateway.ops.otlp import OtlpSpans  # the SDK is imported only when spans are on
+
+            self.spans = OtlpSpans(config.tracing, self.registry)
         self.components: Components = build_components(config)
         self.replicas: Replicas | None = None
         self._redis: redis.asyncio.Redis | None = None
@@ -137,6 +146,7 @@ class Gateway:
             self.usage = UsageRecorder(max_keys=config.tower.usage_report.max_keys, clock=clock)
             self.listener.usage = self.usage
             self.metrics.usage_dropped.set_function(lambda: self.usage.dropped if self.usage else 0)
+        self.listener.spans = self.spans
         self.listener.websockets = WebSockets(
             engine=self.engine, registry=self.sockets, sessions=self.forwarder.session
         )
@@ -345,6 +355,15 @@ class Gateway:
         yield
         await self.forwarder.close()
 
+    async def _resolver_ctx(self, _app: web.Application) -> AsyncIterator[None]:
+        yield
+        await self.resolver.close()  # background refreshes still running
+
+    async def _spans_ctx(self, _app: web.Application) -> AsyncIterator[None]:
+        yield
+        if self.spans is not None:
+            await asyncio.to_thread(self.spans.shutdown)  # the last batch, bounded
+
     async def _logs_ctx(self, _app: web.Application) -> AsyncIterator[None]:
         yield
         try:
@@ -366,7 +385,9 @@ class Gateway:
         app.cleanup_ctx.extend(
             [
                 self._logs_ctx,
+                self._spans_ctx,
                 self._tower_ctx,
+                self._resolver_ctx,
                 self._replicas_ctx,
                 self._limiter_ctx,
                 self._usage_ctx,

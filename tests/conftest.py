@@ -99,6 +99,7 @@ class FakeTower:
 
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)  # of each call, names lowercased
     mode: str = "ok"  # ok | error500 | garbage | wrong_types | unauthorized | hang | redirect
     delay: float = 0.0
     # When set, each call is recorded and then held until the test sets the event.
@@ -122,6 +123,7 @@ class FakeTower:
         body = await request.json()
         key = body.get("api_key")
         self.calls.append(key)
+        self.headers.append({name.lower(): value for name, value in request.headers.items()})
         if self.gate is not None:
             await self.gate.wait()
         if self.delay:

@@ -311,7 +311,10 @@ async def test_stale_identity_is_served_while_the_tower_fails(make_gateway: Gate
 
 async def test_stale_serving_needs_a_failing_tower(make_gateway: GatewayFactory) -> None:
     clock = Clock()
-    h = await make_gateway(clock=clock, cache={"ttl": 10, "stale_if_error": 300})
+    # refresh_wait: however loaded the machine, the request waits for the tower's answer.
+    h = await make_gateway(
+        clock=clock, cache={"ttl": 10, "stale_if_error": 300, "refresh_wait": 5}
+    )
     h.tower.add("good-key-1", key_id="k1", user_id="u1", role="operator")
     assert (await h.client.get("/x", headers=GOOD)).status == 200
     del h.tower.keys["good-key-1"]  # revoked at the tower

@@ -20,6 +20,8 @@ from aiohttp import ClientWebSocketResponse, WSMsgType, WSServerHandshakeError, 
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import JWT_SECRET, FakeUpstream, GatewayFactory, Harness, until
+from tests.test_tracing import CLIENT_SPAN, PARENT, STATE, TRACE
+from tests.test_tracing import parts as trace_parts
 
 KEY = {"X-API-Key": "good-key-1"}  # k1 / u1, operator
 ADMIN_KEY = {"X-API-Key": "admin-key-1"}  # k2 / u2, admin
@@ -513,3 +515,32 @@ async def test_metrics_count_connections_handshakes_frames_and_bytes(wsg: Harnes
     await receive(bad)
     text = await wsg.metrics()
     assert 'tower_gateway_websocket_handshakes_total{outcome="invalid_key"} 1.0' in text
+
+
+# --------------------------------------------------------------------------- trace context
+
+
+async def test_a_websocket_handshake_carries_the_trace(
+    make_ws: WsFactory, ws_upstream: WsUpstream
+) -> None:
+    h = await make_ws()
+    headers = {"X-API-Key": "good-key-1", "traceparent": PARENT, "tracestate": STATE}
+    ws = await h.client.ws_connect("/chat", headers=headers)
+    await ws.close()
+    seen = ws_upstream.handshakes[0].headers
+    trace, parent, _ = trace_parts(seen.get("traceparent"))
+    assert trace == TRACE and parent != CLIENT_SPAN
+    assert seen.get("tracestate") == STATE
+    assert trace_parts(h.tower.headers[0].get("traceparent")) == (trace, parent, "01")
+
+
+async def test_first_message_websocket_auth_calls_the_tower_in_the_trace(
+    make_ws: WsFactory, ws_upstream: WsUpstream
+) -> None:
+    h = await make_ws()
+    ws = await h.client.ws_connect("/chat", headers={"traceparent": PARENT})
+    await ws.send_str(json.dumps({"type": "auth", "api_key": "good-key-1"}))
+    assert json.loads((await ws.receive(timeout=3)).data)["type"] == "auth_ok"
+    await ws.close()
+    assert trace_parts(h.tower.headers[0].get("traceparent"))[0] == TRACE
+    assert trace_parts(ws_upstream.handshakes[0].headers.get("traceparent"))[0] == TRACE

@@ -53,6 +53,7 @@ from gateway.ops.accesslog import RequestRecord
 from gateway.ops.audit import AuditLog
 from gateway.ops.metrics import Metrics
 from gateway.tower.constraints import Quota
+from gateway.tracing import span
 
 ALLOW: Final = "allow"
 PUBLIC: Final = "public"
@@ -208,10 +209,13 @@ class DecisionEngine:
         # runs for every request, and only a cache miss awaits another one.
         quota: QuotaDecision | None = None
         try:
-            key, resolved = self._cached(request, parts, credential)
-            if resolved is None:
-                assert key is not None
-                resolved = await self._resolve(key, record, parts, dry_run)
+            with span("identity lookup") as lookup:
+                key, resolved = self._cached(request, parts, credential)
+                if resolved is None:
+                    assert key is not None
+                    resolved = await self._resolve(key, record, parts, dry_run)
+                if lookup is not None:
+                    lookup.set("tower_gateway.cache", resolved.source)
             identity = resolved.identity
             record.identify(self.fingerprinter.short(resolved.digest), identity)
             grants = parts.mapper.grants(identity)

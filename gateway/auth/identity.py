@@ -1,12 +1,27 @@
-"""Key -> Identity: a TTL cache with single flight and stale-if-error in front of the tower.
+"""Key -> Identity: a TTL cache with single flight, refresh ahead and stale serving in front
+of the tower.
 
 Entries are keyed by a keyed hash of the key (never the key itself). A positive
-entry is fresh for `min(cache.ttl, expires_at - now)` and may be served stale,
-only while the tower is failing, until `cache.stale_if_error` more seconds have
-passed, and never past `expires_at`. Negative entries live in their own bounded
-cache, so a flood of random keys can only push out other negative entries.
-The cache stores who the key belongs to, never a decision: policy is checked on
-every request by the caller.
+entry is fresh for `min(cache.ttl, expires_at - now)`; in the last
+`cache.refresh_ahead` part of that life, a request that uses it is answered from
+it and starts a background refresh (one per key at a time). Once stale, an entry
+may be served until `cache.stale_if_error` more seconds have passed, never past
+`expires_at`, while its refresh is in flight or the tower fails or is slow:
+
+    fresh            hit
+    refresh window   hit, and a background refresh unless one is in flight
+    stale            served at once while a refresh is in flight, a recent one failed or
+                     the tower's last call failed or was too slow; otherwise a refresh
+                     starts and the request waits for it up to `cache.refresh_wait`,
+                     then is served stale
+    past stale       a miss: the request waits for the tower (single flight)
+
+So a key in use never waits for the tower, and an idle key waits for a tower
+that answers quickly: its refusal (revoked, expired) wins over the entry, which
+it removes at once, as do an admin drop and a pushed revocation.
+Negative entries live in their own bounded cache, so a flood of random keys can
+only push out other negative entries. The cache stores who the key belongs to,
+never a decision: policy is checked on every request by the caller.
 """
 
 from __future__ import annotations
@@ -14,20 +29,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from collections.abc import Callable, Collection
+from dataclasses import replace
+from typing import Any, Final
 
-from cachetools import Cache, LRUCache, TTLCache
+from cachetools import TTLCache
 
+from gateway.auth.entries import (
+    CacheStats,
+    Entry,
+    Fetch,
+    PositiveCache,
+    Resolved,
+    SharedEntry,
+    SharedLevel,
+    entry_bounds,
+)
 from gateway.auth.fingerprint import Fingerprinter
 from gateway.config import CacheConfig
 from gateway.errors import InvalidKey, TowerFault, TowerUnavailable
 from gateway.tower import Identity, Rejection, Tower
+from gateway.tracing import span
 
 log = logging.getLogger("tower_gateway.identity")
 
 RETRY_AFTER_SECONDS: Final = "5"
+# After a failed refresh, the entry is served as it is this long before a request starts
+# another: the breaker fails those fast anyway, but a task per request is waste.
+REFRESH_RETRY_SECONDS: Final = 1.0
 _DETAILS: Final = {
     "invalid_key": "Invalid API key",
     "expired_key": "API key has expired",
@@ -35,121 +64,16 @@ _DETAILS: Final = {
 }
 
 
-@dataclass(slots=True)
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    negative_hits: int = 0
-    stale_serves: int = 0
-    evictions: int = 0
-    waiters: int = 0
-    tower_calls: int = 0
-    shared_hits: int = 0
-
-    @property
-    def hit_ratio(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    identity: Identity
-    fresh_until: float
-    stale_until: float
-
-
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    identity: Identity
-    digest: bytes
-    source: str  # "hit" | "tower" | "stale"
-
-
-@dataclass(frozen=True, slots=True)
-class SharedEntry:
-    """An answer read from the level replicas share: an identity with its bounds, or a refusal
-    (whose bounds are its expiry). `fault` is set when the entry is stale and the tower has just
-    failed, so the caller may serve it under stale-if-error."""
-
-    answer: Identity | Rejection
-    fresh_until: float
-    stale_until: float
-    fault: TowerFault | None = None
-
-
-Fetch = Callable[[], Awaitable[Identity | Rejection]]
-
-
-class SharedLevel(Protocol):
-    """A cache level shared by replicas, between this process's cache and the tower
-    (`gateway.replicas.shared`). It never fails for its own faults: without it, `fetch` answers."""
-
-    async def load(self, digest: bytes, fetch: Fetch) -> SharedEntry | Identity | Rejection:
-        """A shared entry, or the answer of `fetch` (called at most once, then shared)."""
-        ...
-
-
-def entry_bounds(identity: Identity, now: float, config: CacheConfig) -> tuple[float, float]:
-    """(fresh_until, stale_until) of a positive entry stored at `now`; never past expires_at."""
-    limit = identity.expires_at if identity.expires_at is not None else float("inf")
-    fresh_until = min(now + config.ttl, limit)
-    return fresh_until, min(fresh_until + config.stale_if_error, limit)
-
-
-class _PositiveCache(LRUCache[bytes, _Entry]):
-    """LRU-bounded identities whose entries carry their own deadlines.
-
-    An `LRUCache` plus a deadline check on read costs about a third of the
-    memory of cachetools' `TLRUCache` (no heap, no per-item link objects) and
-    reads faster; an entry past its `stale_until` reads as absent and is
-    dropped. Counts LRU evictions (expiry is not an eviction).
-    """
-
-    def __init__(self, maxsize: int, timer: Callable[[], float], stats: CacheStats) -> None:
-        super().__init__(maxsize)
-        self._timer = timer
-        self._stats = stats
-
-    def __getitem__(self, key: bytes) -> _Entry:
-        entry = super().__getitem__(key)
-        if self._timer() >= entry.stale_until:
-            super().__delitem__(key)
-            raise KeyError(key)
-        return entry
-
-    def get(self, key: bytes, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-    def fresh(self, key: bytes, now: float) -> _Entry | None:
-        """`get` for the hot path: one call, the LRU order touched, a dead entry dropped."""
-        try:
-            entry: _Entry = LRUCache.__getitem__(self, key)
-        except KeyError:
-            return None
-        if now >= entry.stale_until:
-            LRUCache.__delitem__(self, key)
-            return None
-        return entry
-
-    def popitem(self) -> tuple[bytes, _Entry]:
-        item = super().popitem()
-        self._stats.evictions += 1
-        return item
-
-    def live(self) -> list[tuple[bytes, _Entry]]:
-        """Entries not past their deadline, without touching the LRU order."""
-        now = self._timer()
-        out = []
-        for key in list(Cache.__iter__(self)):
-            entry: _Entry = Cache.__getitem__(self, key)
-            if now < entry.stale_until:
-                out.append((key, entry))
-        return out
-
+# Defined in gateway.auth.entries; most callers know them from here.
+__all__ = [
+    "CacheStats",
+    "Fetch",
+    "IdentityResolver",
+    "Resolved",
+    "SharedEntry",
+    "SharedLevel",
+    "entry_bounds",
+]
 
 TowerObserver = Callable[[str, float], None]
 
@@ -173,13 +97,19 @@ class IdentityResolver:
         self._config = config
         self._clock = clock
         self._on_tower_call = on_tower_call
-        self._positive = _PositiveCache(config.max_entries, clock, self.stats)
+        self._positive = PositiveCache(config.max_entries, clock, self.stats)
         self._negative: TTLCache[bytes, str] | None = (
             TTLCache(config.max_entries, config.negative_ttl, timer=clock)
             if config.negative_ttl > 0
             else None
         )
         self._inflight: dict[bytes, asyncio.Future[Identity | Rejection]] = {}
+        # Every tower lookup still running, including those a drop took out of `_inflight`
+        # and background refreshes nobody awaits: cancelled by `close`.
+        self._tasks: set[asyncio.Future[Identity | Rejection]] = set()
+        # The last tower call failed, or a request gave up waiting for one; the next answer
+        # clears it. A stale entry is then served without waiting.
+        self._tower_failing = False
         # Bumped by every admin drop: an answer fetched before the drop may predate
         # a revocation, so it is handed to its waiters but never cached.
         self._generation = 0
@@ -202,6 +132,8 @@ class IdentityResolver:
             return None
         if now < entry.fresh_until and not entry.identity.expired(now):
             self.stats.hits += 1
+            if now >= entry.refresh_at:
+                self._refresh(api_key, digest)
             return Resolved(entry.identity, digest, "hit")
         return None
 
@@ -215,7 +147,10 @@ class IdentityResolver:
                 raise InvalidKey(_DETAILS["expired_key"], reason="expired_key")
             if now < entry.fresh_until:
                 self.stats.hits += 1
+                if now >= entry.refresh_at:
+                    self._refresh(api_key, digest)
                 return Resolved(entry.identity, digest, "hit")
+            return await self._stale(api_key, digest, entry, now)
         elif self._negative is not None:
             reason = self._negative.get(digest)
             if reason is not None:
@@ -225,14 +160,60 @@ class IdentityResolver:
         self.stats.misses += 1
         return await self._from_tower(api_key, digest)
 
-    # ------------------------------------------------------------------ misses
+    # ------------------------------------------------------------------ refresh
 
-    async def _from_tower(self, api_key: str, digest: bytes) -> Resolved:
+    def _refresh(self, api_key: str, digest: bytes) -> asyncio.Future[Identity | Rejection]:
+        """The key's tower lookup in flight, started in the background if there is none."""
         future = self._inflight.get(digest)
         if future is None:
-            future = asyncio.ensure_future(self._load(api_key, digest))
-            self._inflight[digest] = future
-            future.add_done_callback(lambda f: self._settled(digest, f))
+            self.stats.refreshes += 1
+            future = self._start(api_key, digest)
+        return future
+
+    async def _stale(self, api_key: str, digest: bytes, entry: Entry, now: float) -> Resolved:
+        """A stale entry (inside its stale window): served unless a quick tower says otherwise."""
+        stale = Resolved(entry.identity, digest, "stale")
+        # Served without waiting, a stale entry is a hit: the request never saw the tower.
+        if digest in self._inflight or now < entry.refresh_at:
+            self.stats.hits += 1  # being refreshed, or a refresh just failed
+            self.stats.stale_serves += 1
+            return stale
+        future = self._refresh(api_key, digest)
+        if self._tower_failing or self._config.refresh_wait <= 0:
+            self.stats.hits += 1
+            self.stats.stale_serves += 1
+            return stale
+        self.stats.misses += 1
+        self.stats.tower_waits += 1
+        try:
+            async with asyncio.timeout(self._config.refresh_wait):
+                answer = await asyncio.shield(future)
+        except TimeoutError:
+            # A slow tower: the refresh goes on in the background, and until the tower
+            # answers again other stale entries are served without waiting.
+            self._tower_failing = True
+            self.stats.stale_serves += 1
+            return stale
+        except TowerFault as fault:
+            return self._stale_or_fail(digest, fault)
+        if isinstance(answer, Rejection):
+            raise InvalidKey(_DETAILS[answer.reason], reason=answer.reason)
+        return Resolved(answer, digest, "tower")
+
+    # ------------------------------------------------------------------ misses
+
+    def _start(self, api_key: str, digest: bytes) -> asyncio.Future[Identity | Rejection]:
+        future = asyncio.ensure_future(self._load(api_key, digest))
+        self._inflight[digest] = future
+        self._tasks.add(future)
+        future.add_done_callback(lambda f: self._settled(digest, f))
+        return future
+
+    async def _from_tower(self, api_key: str, digest: bytes) -> Resolved:
+        self.stats.tower_waits += 1
+        future = self._inflight.get(digest)
+        if future is None:
+            future = self._start(api_key, digest)
         else:
             self.stats.waiters += 1
         try:
@@ -246,17 +227,35 @@ class IdentityResolver:
         return Resolved(answer, digest, "tower")
 
     def _settled(self, digest: bytes, future: asyncio.Future[Any]) -> None:
+        self._tasks.discard(future)
         if self._inflight.get(digest) is future:
             del self._inflight[digest]
+            if not future.cancelled() and future.exception() is not None:
+                self._refresh_failed(digest)
         if not future.cancelled():
             future.exception()  # retrieved: no "never retrieved" noise if all callers left
+
+    def _refresh_failed(self, digest: bytes) -> None:
+        """Serve the entry as it is for a while before another refresh is tried."""
+        entry = self._positive.get(digest)
+        if entry is not None:
+            retry_at = self._clock() + REFRESH_RETRY_SECONDS
+            self._positive[digest] = replace(entry, refresh_at=retry_at)
+
+    async def close(self) -> None:
+        """Cancel the tower lookups still running (background refreshes among them)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _load(self, api_key: str, digest: bytes) -> Identity | Rejection:
         """A local miss: what another replica shared, else one tower call for all replicas."""
         if self.shared is None:
             return await self._fetch(api_key, digest)
         generation = self._generation
-        found = await self.shared.load(digest, lambda: self._fetch(api_key, digest, generation))
+        with span("redis shared cache", client=True):
+            found = await self.shared.load(digest, lambda: self._fetch(api_key, digest, generation))
         if not isinstance(found, SharedEntry):
             return found  # from `_fetch`, which stored it here already
         answer = found.answer
@@ -283,6 +282,7 @@ class IdentityResolver:
         try:
             answer = await self.tower.validate(api_key)
         except TowerFault as fault:
+            self._tower_failing = True
             self._observe(fault.kind, started)
             # An open breaker fails every uncached lookup on purpose; the
             # metrics count those, one warning per request would drown the log.
@@ -291,11 +291,13 @@ class IdentityResolver:
             raise
         except Exception as exc:
             # A bug or an unexpected library error is still never a valid key.
+            self._tower_failing = True
             self._observe("error", started)
             log.exception("tower client failed")
             raise TowerFault("error", type(exc).__name__) from None
         now = self._clock()
         self.last_tower_ok = now
+        self._tower_failing = False
         if isinstance(answer, Identity) and answer.expired(now):
             # The tower judged expiry at its own time; by this gateway's clock
             # (skew, or a slow answer) the key has already expired.
@@ -340,7 +342,12 @@ class IdentityResolver:
             return
         if self._negative is not None:
             self._negative.pop(digest, None)
-        self._positive[digest] = _Entry(identity, fresh_until, stale_until)
+        # A shared copy may come with little fresh life left: its refresh is due in the same
+        # proportion, so a replica asks Redis again a few times at most before a lead refreshes.
+        refresh_at = fresh_until - self._config.refresh_ahead * max(0.0, fresh_until - now)
+        if identity.expires_at is not None and fresh_until >= identity.expires_at:
+            refresh_at = fresh_until  # its expiry ends it: no answer could make it live longer
+        self._positive[digest] = Entry(identity, fresh_until, stale_until, refresh_at)
 
     def _drop(self, digest: bytes) -> None:
         self._positive.pop(digest, None)
@@ -422,5 +429,7 @@ class IdentityResolver:
             "single_flight_waiters": s.waiters,
             "tower_calls": s.tower_calls,
             "shared_hits": s.shared_hits,
+            "refreshes": s.refreshes,
+            "tower_waits": s.tower_waits,
             "max_entries": self._config.max_entries,
         }

@@ -50,6 +50,7 @@ from gateway.config.schema import (
     RouteConfig,
     ServerConfig,
     TowerConfig,
+    TracingConfig,
     WebSocketConfig,
 )
 from gateway.errors import ConfigError
@@ -188,5 +189,6 @@ __all__ = [
     "RouteConfig",
     "ServerConfig",
     "TowerConfig",
+    "TracingConfig",
     "WebSocketConfig",
 ]

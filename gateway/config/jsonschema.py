@@ -36,6 +36,8 @@ _KEY_PREFIX: Final = {"pattern": "^[a-z][a-z0-9]{0,15}$"}
 _BY_CHECK: Final[Mapping[Callable[..., Any], Mapping[str, Any]]] = {
     cfg._positive: {"exclusiveMinimum": 0},
     cfg._non_negative: {"minimum": 0},
+    cfg._fraction: {"minimum": 0, "exclusiveMaximum": 1},
+    cfg._ratio: {"minimum": 0, "maximum": 1},
     cfg._pool_size: {"minimum": 2},
     cfg._port: {"minimum": 0, "maximum": 65535},
     cfg._http_url: _HTTP_URL,

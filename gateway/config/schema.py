@@ -43,6 +43,12 @@ def _non_negative(v: Any) -> str | None:
     return None if v is None or v >= 0 else "must not be negative"
 
 
+def _fraction(v: float) -> str | None:
+    return None if 0 <= v < 1 else "must be at least 0 and less than 1"
+
+
+def _ratio(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "must be from 0 to 1"
 def _pool_size(v: int) -> str | None:
     return None if v >= 2 else "must be at least 2 (the revocation subscription holds one)"
 
@@ -195,7 +201,9 @@ class TowerConfig:
     retry_backoff_max: float = _check(_non_negative, 0.5)
     budget: float | None = _check(_positive, None)  # all attempts together; null = timeout
     breaker_threshold: int = _check(_positive, 5)  # consecutive faults that open the circuit
-    breaker_reset: float = _check(_positive, 5.0)  # seconds open before one probe call
+    # Seconds between probe calls while the circuit is open: a probe goes as soon as a request
+    # needs the tower once this much time has passed since the last one, one at a time.
+    breaker_reset: float = _check(_positive, 0.5)
     max_concurrency: int = _check(_positive, 64)  # tower calls in flight at once
 
 
@@ -205,6 +213,12 @@ class CacheConfig:
     negative_ttl: float = _check(_non_negative, 30.0)
     max_entries: int = _check(_positive, 100_000)
     stale_if_error: float = _check(_non_negative, 300.0)
+    # The last part of an entry's fresh life (a fraction of it) in which a request that uses
+    # the entry starts a background refresh; 0 = refresh only once the entry is stale.
+    refresh_ahead: float = _check(_fraction, 0.2)
+    # How long a request whose entry went stale while nothing refreshed it waits for the tower
+    # before the stale entry is served (gateway.auth.identity); 0 = never wait.
+    refresh_wait: float = _check(_non_negative, 0.05)
     # Keyed-hash secret for cache keys and key fingerprints, and the key of everything replicas
     # share through Redis (entries, revocation messages): required with redis.url (or
     # GATEWAY_FINGERPRINT_SECRET), at least MIN_FINGERPRINT_SECRET characters. Without Redis it
@@ -372,6 +386,19 @@ class DecisionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """Spans exported over OTLP/HTTP (gateway.ops.otlp); trace context is continued either way."""
+
+    # The collector's traces URL, e.g. http://otel-collector:4318/v1/traces; null = no spans.
+    otlp_endpoint: str | None = _check(_http_url, None)
+    # Share of new traces recorded; a client's sampled flag decides for the traces it continues.
+    sample_ratio: float = _check(_ratio, 1.0)
+    export_interval: float = _check(_positive, 5.0)  # seconds between batches
+    timeout: float = _check(_positive, 5.0)  # per batch, retries included
+    service_name: str = "tower-gateway"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
@@ -387,5 +414,6 @@ class Config:
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     decision: DecisionConfig | None = None
     source: str = field(default="<dict>", metadata={"internal": True})

@@ -52,6 +52,7 @@ class RequestRecord:
     method: str | None = None
     path: str | None = None
     missing: str | None = None  # the capability a 403 lacked
+    trace_id: str | None = None  # W3C trace id (gateway.tracing): the client's, or a new one
 
     def identify(self, fingerprint: str, identity: Identity) -> None:
         self.fingerprint = fingerprint
@@ -146,6 +147,7 @@ class AccessLog:
             "key_id": _clip(record.key_id),
             "role": record.role,
             "user_agent": _clip(request.headers.get(hdrs.USER_AGENT)),
+            "trace_id": record.trace_id,
         }
         self.emit(line)
 

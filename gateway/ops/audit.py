@@ -8,7 +8,7 @@ of stalling requests; the most recent events are also kept in a bounded ring for
     {"event": "auth", "outcome": "success" | "failure",
      "decision": "allow" | "deny" | "would_deny" | "error", "reason": <reason id>,
      "request_id", "client", "method", "path", "route", "key", "user", "key_id", "role",
-     "missing_capability" (a 403), "source" (a success: hit | tower | stale)}
+     "missing_capability" (a 403), "source" (a success: hit | tower | stale), "trace_id"}
     {"event": "admin", "action": <cache_clear | cache_drop | reload | revocation_webhook |
      explain | admin_denied | keys_list | key_create | key_show | key_update | key_revoke |
      key_rotate>, "outcome": "success" | "failure", "client", ...details}
@@ -48,7 +48,7 @@ _AuthEvent = tuple[Any, ...]
 
 def _auth_line(event: _AuthEvent) -> dict[str, Any]:
     (ts, seq, decision, reason, request_id, client, method, path, route) = event[:9]
-    (key, user, key_id, role, missing, source) = event[9:]
+    (key, user, key_id, role, missing, source, trace_id) = event[9:]
     line: dict[str, Any] = {
         "ts": round(ts, 3),
         "seq": seq,
@@ -71,6 +71,7 @@ def _auth_line(event: _AuthEvent) -> dict[str, Any]:
         line["missing_capability"] = missing
     if decision == "allow":
         line["source"] = source
+    line["trace_id"] = trace_id
     return line
 
 
@@ -127,6 +128,7 @@ class AuditLog:
             record.role,
             record.missing,
             record.reason,
+            record.trace_id,
         )
         if self._writer.enabled:
             line = _auth_line(event)

@@ -66,13 +66,27 @@ class _StatsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats, positive, negative, minted, reused = self._read()
         counters = (
-            ("cache_hits", "Identity lookups answered from the cache", stats.hits),
+            (
+                "cache_hits",
+                "Identity lookups answered from the cache (stale ones served at once included)",
+                stats.hits,
+            ),
             ("cache_misses", "Identity lookups that needed the tower", stats.misses),
             ("cache_negative_hits", "Lookups answered by a cached refusal", stats.negative_hits),
             (
                 "cache_stale_serves",
-                "Expired identities served while the tower failed",
+                "Expired identities served while refreshed, or while the tower failed",
                 stats.stale_serves,
+            ),
+            (
+                "cache_refreshes",
+                "Background refreshes of cached identities (ahead of expiry, or stale)",
+                stats.refreshes,
+            ),
+            (
+                "cache_tower_waits",
+                "Identity lookups whose request waited for a tower call",
+                stats.tower_waits,
             ),
             ("cache_evictions", "Identities pushed out by the size bound", stats.evictions),
             ("single_flight_waiters", "Lookups that waited on another's tower call", stats.waiters),

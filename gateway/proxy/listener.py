@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -28,6 +28,11 @@ from gateway.ops.accesslog import AccessLog, RequestRecord
 from gateway.ops.metrics import Metrics
 from gateway.proxy.forwarder import Forwarder
 from gateway.tower.usage import UsageRecorder
+from gateway.tracing import CURRENT as CURRENT_TRACE
+from gateway.tracing import TraceContext, continue_trace, span
+
+if TYPE_CHECKING:
+    from gateway.ops.otlp import OtlpSpans
 
 log = logging.getLogger("tower_gateway")
 
@@ -88,14 +93,20 @@ class ProxyListener:
         self.access_log = access_log  # replaced by the composition root when its log is
         self.websockets: Upgrades | None = None
         self.usage: UsageRecorder | None = None  # with tower.usage_report
+        self.spans: OtlpSpans | None = None  # set with tracing.otlp_endpoint
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        record = RequestRecord(request_id(request.headers.get(REQUEST_ID)))
+        trace = continue_trace(request.headers)
+        spans, request_span = self.spans, None
+        if spans is not None:
+            trace, request_span = spans.request(trace, request.method)
+        record = RequestRecord(request_id(request.headers.get(REQUEST_ID)), trace_id=trace.trace_id)
         metrics = self._metrics
         metrics.in_flight += 1
+        traced = CURRENT_TRACE.set(trace)  # read by the tower client, in the single-flight task
         try:
-            response = await self._pipeline(request, record)
+            response = await self._pipeline(request, record, trace)
         except GatewayError as exc:
             record.reason = exc.reason
             if record.decision is None:
@@ -118,6 +129,7 @@ class ProxyListener:
             )
         finally:
             metrics.in_flight -= 1
+            CURRENT_TRACE.reset(traced)
         record.status = response.status
         metrics.count_request(record.route, response.status)
         record.duration = time.perf_counter() - started
@@ -125,10 +137,22 @@ class ProxyListener:
         usage = self.usage
         if usage is not None and record.key_id is not None:
             usage.record(record.key_id, response.status)
+        if request_span is not None and spans is not None:
+            spans.finish(
+                request_span,
+                method=record.method or request.method,
+                route=record.route,
+                status=record.status,
+                decision=record.decision,
+                reason=record.reason,
+                fingerprint=record.fingerprint,
+                request_id=record.request_id,
+                path=record.path,
+            )
         return response
 
     async def _pipeline(
-        self, request: web.BaseRequest, record: RequestRecord
+        self, request: web.BaseRequest, record: RequestRecord, trace: TraceContext
     ) -> web.StreamResponse:
         # Read once: a reload swaps the components, and this request finishes on these.
         parts = self._components()
@@ -153,6 +177,7 @@ class ProxyListener:
         if route.forward:
             forward_intent(headers, headers_in, route.forward)
         parts.headers.scrub(headers, parts.extractor.candidates(headers_in))
+        trace.inject(headers)
         if route.config.websocket and is_upgrade(headers_in) and self.websockets is not None:
             original.upgrade = True
             return await self.websockets.handle(
@@ -175,8 +200,11 @@ class ProxyListener:
         if decision.headers:
             response_headers.update(decision.headers)
         upstream_started = time.perf_counter()
-        response = await self._forwarder.forward(
-            request, route, path, query, headers, response_headers
-        )
+        with span("upstream", client=True) as upstream:
+            if upstream is not None:
+                upstream.trace.inject(headers)  # the upstream's parent: this span
+            response = await self._forwarder.forward(
+                request, route, path, query, headers, response_headers
+            )
         self._metrics.observe_upstream(route.name, time.perf_counter() - upstream_started)
         return response

@@ -21,6 +21,7 @@ from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector
 from gateway.config import TowerConfig
 from gateway.errors import TowerFault
 from gateway.tower import TowerAnswer, parse_answer
+from gateway.tracing import outgoing, span
 
 MAX_BODY: Final = 64 * 1024
 VALIDATE_PATH: Final = "/api/v1/validate"
@@ -64,8 +65,9 @@ class RemoteTower:
 
     async def validate(self, api_key: str) -> TowerAnswer:
         try:
-            async with asyncio.timeout(self._timeout):
-                status, body = await self._exchange(api_key)
+            with span("tower validate", client=True):
+                async with asyncio.timeout(self._timeout):
+                    status, body = await self._exchange(api_key)
         except TimeoutError:
             raise TowerFault("timeout", f"no complete answer within {self._timeout}s") from None
         except aiohttp.ClientConnectorError as exc:
@@ -77,7 +79,7 @@ class RemoteTower:
     async def _exchange(self, api_key: str) -> tuple[int, bytes]:
         payload = json.dumps({"api_key": api_key}).encode()
         async with self._client().post(
-            self._url, data=payload, headers=self._headers, allow_redirects=False
+            self._url, data=payload, headers=outgoing(self._headers), allow_redirects=False
         ) as response:
             chunks: list[bytes] = []
             size = 0

@@ -6,8 +6,13 @@ exponential backoff and full jitter, all inside one time budget per `validate`.
 After `breaker_threshold` consecutive faults the breaker opens and `validate`
 fails at once with `TowerFault("circuit_open")`, so the identity layer answers
 503 or a stale identity in milliseconds instead of piling requests onto a
-dying tower. After `breaker_reset` seconds exactly one probe call is let
-through; its outcome closes the breaker or opens it for another period.
+dying tower. Once `breaker_reset` seconds (half a second by default) have
+passed since it opened, the next call that needs the tower is let through as
+the one probe; its outcome closes the breaker or opens it for another period.
+Probes are driven by demand, never by a timer: a tower that comes back is
+found by the first request after it does (within `breaker_reset`), while an
+idle gateway sends nothing, and only one probe is ever in flight, so a
+recovering tower sees one call, then the backlog bounded by `max_concurrency`.
 
     closed --(threshold consecutive faults)--> open
     open --(breaker_reset elapsed, next call)--> half_open (one probe in flight)
@@ -40,7 +45,7 @@ DEFAULT_BASE_DELAY: Final = 0.05
 DEFAULT_MAX_DELAY: Final = 0.5
 DEFAULT_BUDGET: Final = 2.0
 DEFAULT_BREAKER_THRESHOLD: Final = 5
-DEFAULT_BREAKER_RESET: Final = 5.0
+DEFAULT_BREAKER_RESET: Final = 0.5
 DEFAULT_MAX_CONCURRENCY: Final = 64
 
 # Faults that a second attempt may not see. `malformed`, `tower_auth` and
