@@ -24,7 +24,7 @@ from typing import Final, Protocol
 
 import redis.asyncio
 
-from gateway.auth.ratelimit import DEFAULT_RETRY_INTERVAL
+from gateway.auth.ratelimit import DEFAULT_RETRY_INTERVAL, call_hook
 from gateway.tower.constraints import Quota
 
 log = logging.getLogger(__name__)
@@ -190,11 +190,7 @@ class RedisQuota:
                 return _decision(quota, used + 1 if peek else used, end, now)
         if peek:
             return self._fallback.count(bucket, quota, add=0)
-        if self._on_fallback is not None:
-            try:
-                self._on_fallback()
-            except Exception:  # a broken metrics hook must not fail a request
-                log.exception("quota on_fallback hook failed")
+        call_hook(self._on_fallback)
         return self._fallback.count(bucket, quota)
 
 
